@@ -1,0 +1,28 @@
+"""keras_moe: the Sparsely-Gated Mixture-of-Experts layer for Keras 3."""
+
+from setuptools import find_packages
+from setuptools import setup
+
+setup(
+    name="keras-moe",
+    version="0.1.0",
+    description=(
+        "Sparsely-Gated Mixture-of-Experts layers (Shazeer et al. 2017) "
+        "for Keras 3"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["keras_moe", "keras_moe.*"]),
+    python_requires=">=3.10",
+    # Pinned to the versions that are tested together. tensorflow-addons is
+    # deliberately absent: it is end-of-life and does not import on TF 2.21.
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "keras>=3.15,<3.16",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "jax[cpu]"],
+        "bench": ["keras-hub"],
+    },
+)

@@ -1,0 +1,18 @@
+"""Test set-up: keep Keras out of the home directory and TF quiet."""
+
+import os
+import tempfile
+
+os.environ.setdefault("KERAS_HOME", tempfile.mkdtemp(prefix="keras_home_"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _reset_keras_state():
+    """Each test starts with a fresh global policy and session."""
+    yield
+    keras.config.set_dtype_policy("float32")
+    keras.backend.clear_session()

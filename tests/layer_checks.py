@@ -1,0 +1,125 @@
+"""One helper that every public layer goes through (see STYLE.md).
+
+`check_layer` asserts: config round trip; eager and symbolic calls agree on
+shapes and dtypes; the number of trainable weights and of seed generators;
+one loss when training and none at inference; a compiled `fit` step with
+finite loss; every mixed-precision policy (outputs in the compute dtype,
+gate values float32, finite outputs/losses/gradients); and a `.keras`
+save/load round trip that reproduces the predictions.
+"""
+
+import os
+
+import keras
+import numpy as np
+from keras import ops
+
+
+def _as_list(outputs):
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def _float_outputs(outputs):
+    return [o for o in _as_list(outputs) if keras.backend.is_float_dtype(o.dtype)]
+
+
+def _gradients_finite(layer, inputs):
+    """Gradients of (sum of float outputs + losses) w.r.t. the weights."""
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        outputs = layer(inputs, training=True)
+        total = sum(ops.sum(ops.cast(o, "float32")) for o in _float_outputs(outputs))
+        total = total + sum(layer.losses)
+    grads = tape.gradient(total, layer.trainable_weights)
+    return all(
+        g is None or bool(np.all(np.isfinite(ops.convert_to_numpy(g))))
+        for g in grads
+    )
+
+
+def check_layer(
+    layer_cls,
+    init_kwargs,
+    input_shape,
+    expected_output_shapes,
+    expected_num_trainable_weights,
+    expected_num_seed_generators=1,
+    tmp_path=None,
+):
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=input_shape).astype("float32")
+
+    # Config round trip.
+    layer = layer_cls(**init_kwargs)
+    config = layer.get_config()
+    restored = layer_cls.from_config(config)
+    assert restored.get_config() == config
+
+    # Eager call: shapes, weights, losses.
+    outputs = layer(inputs)
+    shapes = [tuple(o.shape) for o in _as_list(outputs)]
+    assert shapes == [tuple(s) for s in expected_output_shapes], shapes
+    assert len(layer.trainable_weights) == expected_num_trainable_weights
+    assert len(layer.non_trainable_weights) == 0
+    seed_generators = [
+        sub for sub in layer._flatten_layers() for _ in sub._seed_generators
+    ]
+    assert len(seed_generators) == expected_num_seed_generators
+    assert layer.losses == []
+    layer(inputs, training=True)
+    assert len(layer.losses) == 1
+    assert np.isfinite(ops.convert_to_numpy(layer.losses[0]))
+    layer(inputs, training=False)
+    assert layer.losses == []
+
+    # Symbolic call agrees with the eager one.
+    symbolic_input = keras.Input(batch_shape=(None,) + tuple(input_shape[1:]))
+    symbolic = _as_list(layer_cls(**init_kwargs)(symbolic_input))
+    for sym, eager in zip(symbolic, _as_list(outputs)):
+        assert tuple(sym.shape)[1:] == tuple(eager.shape)[1:]
+        assert keras.backend.standardize_dtype(sym.dtype) == (
+            keras.backend.standardize_dtype(eager.dtype)
+        )
+
+    # A compiled fit step, through a functional model.
+    model_input = keras.Input(shape=tuple(input_shape[1:]))
+    model_outputs = _float_outputs(layer_cls(**init_kwargs)(model_input))
+    model = keras.Model(model_input, model_outputs[0])
+    model.compile(optimizer="adam", loss="mse")
+    targets = ops.convert_to_numpy(model(inputs))
+    history = model.fit(inputs, targets + 1.0, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+    # Mixed precision.
+    for policy in ("mixed_float16", "mixed_bfloat16"):
+        mixed = layer_cls(**init_kwargs, dtype=policy)
+        mixed_outputs = _as_list(mixed(inputs, training=True))
+        compute_dtype = keras.DTypePolicy(policy).compute_dtype
+        for output, reference in zip(mixed_outputs, _as_list(outputs)):
+            expected = keras.backend.standardize_dtype(reference.dtype)
+            if expected == "float32" and len(mixed_outputs) == 1:
+                expected = compute_dtype  # MoE outputs follow the policy.
+            assert keras.backend.standardize_dtype(output.dtype) == expected
+        for output in _float_outputs(mixed_outputs):
+            assert np.all(np.isfinite(ops.convert_to_numpy(ops.cast(output, "float32"))))
+        for loss in mixed.losses:
+            assert keras.backend.standardize_dtype(loss.dtype) == "float32"
+            assert np.isfinite(ops.convert_to_numpy(loss))
+        for weight in mixed.weights:
+            assert weight.dtype == "float32"
+        assert _gradients_finite(mixed, inputs)
+
+    # .keras save/load reproduces the predictions.
+    if tmp_path is not None:
+        path = os.path.join(str(tmp_path), "layer.keras")
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(loaded.predict(inputs, verbose=0)),
+            ops.convert_to_numpy(model.predict(inputs, verbose=0)),
+            rtol=1e-6,
+            atol=1e-6,
+        )

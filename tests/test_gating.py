@@ -1,0 +1,233 @@
+"""The gating maths against the independent NumPy reference."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from keras_moe import gating
+from tests import reference
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 64)])
+def test_cv_squared(shape):
+    x = np.random.default_rng(1).uniform(0, 3, size=shape).astype("float32")
+    np.testing.assert_allclose(_np(gating.cv_squared(x)), reference.cv_squared(x), rtol=1e-5)
+
+
+def test_cv_squared_of_constant_and_zero_vectors():
+    assert float(_np(gating.cv_squared(np.full((4,), 2.5, "float32")))) == 0.0
+    assert float(_np(gating.cv_squared(np.zeros((4,), "float32")))) == 0.0
+    assert float(_np(gating.cv_squared(np.ones((1,), "float32")))) == 0.0
+
+
+@pytest.mark.parametrize("n,k", [(4, 1), (6, 2), (8, 3), (5, 4)])
+def test_prob_in_top_k(n, k):
+    rng = np.random.default_rng(n * 10 + k)
+    clean = rng.normal(size=(9, n)).astype("float32")
+    stddev = rng.uniform(0.2, 1.5, size=(9, n)).astype("float32")
+    noisy = (clean + rng.normal(size=(9, n)) * stddev).astype("float32")
+    np.testing.assert_allclose(
+        _np(gating.prob_in_top_k(clean, noisy, stddev, k)),
+        reference.prob_in_top_k(clean, noisy, stddev, k),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_prob_in_top_k_is_one_when_every_expert_is_chosen():
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    np.testing.assert_array_equal(_np(gating.prob_in_top_k(x, x, np.ones_like(x), 4)), 1.0)
+
+
+def _gating_layer(num_experts, k, input_dim, seed=0, **kwargs):
+    layer = gating.NoisyTopKGating(num_experts, k=k, **kwargs)
+    layer.build((None, input_dim))
+    rng = np.random.default_rng(seed)
+    layer.gate_kernel.assign(rng.normal(size=(input_dim, num_experts)).astype("float32"))
+    if layer.noisy:
+        layer.noise_kernel.assign(
+            rng.normal(size=(input_dim, num_experts)).astype("float32") * 0.3
+        )
+    return layer
+
+
+def _dense_from_sparse(weights, indices, n):
+    weights, indices = _np(weights), _np(indices)
+    dense = np.zeros(weights.shape[:-1] + (n,))
+    np.put_along_axis(dense, indices, weights, axis=-1)
+    return dense
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_gates_and_chosen_experts_at_inference(k):
+    layer = _gating_layer(6, k, 5)
+    x = np.random.default_rng(3).normal(size=(11, 5)).astype("float32")
+    weights, indices = layer(x, training=False)
+    assert _np(indices).dtype == np.int32
+    np.testing.assert_allclose(_np(weights).sum(-1), 1.0, rtol=1e-6)
+    expected = reference.gates(x @ layer.gate_kernel.numpy(), k)
+    np.testing.assert_allclose(_dense_from_sparse(weights, indices, 6), expected, atol=1e-6)
+    assert layer.losses == []
+
+
+def test_zero_initialised_gate_is_uniform_over_the_first_k():
+    layer = gating.NoisyTopKGating(4, k=2)
+    weights, indices = layer(np.ones((3, 8), "float32"))
+    np.testing.assert_allclose(_np(weights), 0.5)
+    assert layer.gate_kernel.numpy().max() == 0.0 == layer.noise_kernel.numpy().max()
+
+
+def _inject_noise(layer, draws):
+    """Replaces the layer's normal draws with the given arrays, in order."""
+    draws = list(draws)
+
+    def standard_normal(shape):
+        draw = draws.pop(0)
+        assert tuple(draw.shape) == tuple(int(s) for s in shape)
+        return ops.convert_to_tensor(draw)
+
+    layer._standard_normal = standard_normal
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_noisy_routing_and_losses_against_reference(k):
+    n, d, tokens = 7, 5, 13
+    layer = _gating_layer(n, k, d, seed=k, importance_weight=0.3, load_weight=0.7)
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(tokens, d)).astype("float32")
+    noise = rng.normal(size=(tokens, n)).astype("float32")
+    _inject_noise(layer, [noise])
+    weights, indices = layer(x, training=True)
+
+    g, load, importance = reference.noisy_gating(
+        x, layer.gate_kernel.numpy(), layer.noise_kernel.numpy(), k, noise=noise
+    )
+    np.testing.assert_allclose(_dense_from_sparse(weights, indices, n), g, atol=1e-5)
+    (loss,) = layer.losses
+    np.testing.assert_allclose(
+        _np(loss), reference.balancing_loss(importance, load, 0.3, 0.7), rtol=1e-4
+    )
+    _inject_noise(layer, [noise])
+    routing = layer.route(x, training=True)
+    np.testing.assert_allclose(_np(routing.importance), importance, rtol=1e-5)
+    np.testing.assert_allclose(_np(routing.load), load, rtol=1e-4)
+
+
+def test_load_without_noise_is_a_count():
+    layer = _gating_layer(5, 2, 4, noisy=False)
+    x = np.random.default_rng(2).normal(size=(20, 4)).astype("float32")
+    routing = layer.route(x, training=True)
+    g, load, importance = reference.noisy_gating(x, layer.gate_kernel.numpy(), None, 2)
+    np.testing.assert_array_equal(_np(routing.load), load)
+    np.testing.assert_allclose(_np(routing.importance), importance, rtol=1e-5)
+    assert len(layer.weights) == 1  # no noise kernel when not noisy
+
+
+def test_masked_positions_get_zero_gates_and_do_not_count():
+    layer = _gating_layer(6, 2, 4)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 5, 4)).astype("float32")
+    mask = np.array([[1, 1, 1, 0, 0], [1, 0, 1, 1, 0]], bool)
+    noise = rng.normal(size=(2, 5, 6)).astype("float32")
+    _inject_noise(layer, [noise])
+    routing = layer.route(x, training=True, mask=mask)
+    weights = _np(routing.expert_weights)
+    np.testing.assert_array_equal(weights[~mask], 0.0)
+    np.testing.assert_allclose(weights[mask].sum(-1), 1.0, rtol=1e-6)
+    _, load, importance = reference.noisy_gating(
+        x[mask], layer.gate_kernel.numpy(), layer.noise_kernel.numpy(), 2,
+        noise=noise[mask],
+    )
+    np.testing.assert_allclose(_np(routing.importance), importance, rtol=1e-5)
+    np.testing.assert_allclose(_np(routing.load), load, rtol=1e-4)
+
+
+def test_load_loss_gradients_reach_both_kernels():
+    layer = _gating_layer(6, 2, 4, importance_weight=0.0, load_weight=1.0)
+    x = np.random.default_rng(5).normal(size=(32, 4)).astype("float32")
+    with tf.GradientTape() as tape:
+        layer(x, training=True)
+        loss = layer.losses[0]
+    grad_gate, grad_noise = tape.gradient(loss, [layer.gate_kernel, layer.noise_kernel])
+    assert np.abs(grad_gate.numpy()).max() > 1e-6
+    assert np.abs(grad_noise.numpy()).max() > 1e-6
+
+
+def test_noise_only_while_training():
+    layer = _gating_layer(8, 2, 4, seed=6)
+    x = np.random.default_rng(6).normal(size=(64, 4)).astype("float32")
+    first, second = (_np(layer(x, training=False)[1]) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    noisy = _np(layer(x, training=True)[1])
+    assert (noisy != first).any()
+
+
+def _hierarchical_layer(a, b, k, d, seed=0, **kwargs):
+    layer = gating.HierarchicalNoisyTopKGating(a, b, k=k, **kwargs)
+    layer.build((None, d))
+    rng = np.random.default_rng(seed)
+    for weight in layer.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
+    return layer
+
+
+@pytest.mark.parametrize("a,b,k", [(3, 4, 2), (4, 2, 1), (2, 3, 2)])
+def test_hierarchical_importance_and_load_against_reference(a, b, k):
+    d, tokens = 5, 17
+    layer = _hierarchical_layer(a, b, k, d, seed=a + b + k)
+    rng = np.random.default_rng(a * b)
+    x = rng.normal(size=(tokens, d)).astype("float32")
+    noise = rng.normal(size=(tokens, a)).astype("float32")
+    chosen_noise = rng.normal(size=(tokens, k, b)).astype("float32")
+    _inject_noise(layer, [noise, chosen_noise])
+    routing = layer.route(x, training=True)
+
+    # The reference takes a draw for every group; only chosen groups matter.
+    std_p = reference.softplus(x @ layer.noise_kernel.numpy()) + 1e-2
+    chosen_groups = np.argsort(-(x @ layer.gate_kernel.numpy() + noise * std_p), axis=1)[:, :k]
+    group_noise = np.zeros((tokens, a, b), "float32")
+    for t in range(tokens):
+        group_noise[t, chosen_groups[t]] = chosen_noise[t]
+    g, importance, load = reference.hierarchical_gating(
+        x, layer.gate_kernel.numpy(), layer.noise_kernel.numpy(),
+        layer.group_gate_kernel.numpy(), layer.group_noise_kernel.numpy(),
+        a, b, k, noise=noise, group_noise=group_noise,
+    )
+    np.testing.assert_allclose(
+        _dense_from_sparse(routing.expert_weights, routing.expert_indices, a * b), g, atol=1e-5
+    )
+    np.testing.assert_allclose(_np(routing.importance), importance, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(routing.load), load, rtol=1e-4, atol=1e-6)
+
+
+def test_hierarchical_inference_gates_against_reference():
+    layer = _hierarchical_layer(3, 4, 2, 6, seed=9)
+    x = np.random.default_rng(9).normal(size=(10, 6)).astype("float32")
+    routing = layer.route(x, training=False)
+    g, importance, load = reference.hierarchical_gating(
+        x, layer.gate_kernel.numpy(), None, layer.group_gate_kernel.numpy(), None, 3, 4, 2
+    )
+    np.testing.assert_allclose(_dense_from_sparse(routing.expert_weights, routing.expert_indices, 12), g, atol=1e-5)
+    np.testing.assert_allclose(_np(routing.load), load, rtol=1e-5)
+    indices = _np(routing.expert_indices)
+    assert all(len(set(row)) == 4 for row in indices)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(num_experts=4, k=0), "`k`"),
+        (dict(num_experts=4, k=5), "`k`"),
+        (dict(num_experts=4, noise_epsilon=-1.0), "noise_epsilon"),
+    ],
+)
+def test_bad_gating_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gating.NoisyTopKGating(**kwargs)
