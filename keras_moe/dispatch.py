@@ -213,3 +213,99 @@ def expert_feedforward(
     hidden = activation(hidden + hidden_bias[:, None, :])
     outputs = ops.einsum("ech,eho->eco", hidden, output_kernel)
     return outputs + output_bias[:, None, :]
+
+
+def ragged_mixture(
+    inputs, expert_weights, expert_indices, hidden_kernel, hidden_bias,
+    output_kernel, output_bias, activation, mask=None,
+):
+    """Dropless mixture with static shapes, for the JAX backend.
+
+    JAX traces with static shapes, so the dropless buffer (whose capacity is
+    the busiest expert's load) cannot be built under `jit`. Instead the
+    `N*k` assignments are sorted by expert and the experts run as grouped
+    matmuls (`jax.lax.ragged_dot`) over the sorted rows. That is a true
+    grouped GEMM on GPU/TPU; XLA:CPU lowers it to a dense loop over the
+    groups, so on CPU prefer a `capacity_factor` with JAX.
+
+    Args:
+        inputs: `[N, d]`; expert_weights: `[N, k]` (zero where masked);
+        expert_indices: int `[N, k]`; kernels and biases as in
+        `expert_feedforward`; mask: optional bool `[N]`.
+
+    Returns:
+        tensor `[N, d_out]`.
+    """
+    import jax
+
+    hidden_kernel = ops.convert_to_tensor(hidden_kernel)
+    output_kernel = ops.convert_to_tensor(output_kernel)
+    num_tokens = inputs.shape[0]
+    num_experts = hidden_kernel.shape[0]
+    experts_per_token = expert_indices.shape[1]
+    assignment_experts = ops.reshape(
+        ops.transpose(ops.cast(expert_indices, "int32")), (-1,)
+    )
+    if mask is not None:
+        assignment_mask = ops.tile(ops.cast(mask, "bool"), (experts_per_token,))
+        assignment_experts = ops.where(
+            assignment_mask, assignment_experts, num_experts
+        )
+    order = ops.cast(ops.argsort(assignment_experts), "int32")
+    sorted_experts = ops.take(assignment_experts, order)
+    group_sizes = ops.cast(
+        ops.segment_sum(
+            ops.ones_like(assignment_experts),
+            assignment_experts,
+            num_segments=num_experts + 1,
+        )[:num_experts],
+        "int32",
+    )
+    sorted_positions = order % num_tokens
+    bias_rows = ops.minimum(sorted_experts, num_experts - 1)
+    rows = ops.take(inputs, sorted_positions, axis=0)
+    hidden = jax.lax.ragged_dot(rows, hidden_kernel, group_sizes)
+    hidden = activation(hidden + ops.take(hidden_bias, bias_rows, axis=0))
+    outputs = jax.lax.ragged_dot(hidden, output_kernel, group_sizes)
+    outputs = outputs + ops.take(output_bias, bias_rows, axis=0)
+    weights = ops.take(
+        ops.reshape(ops.transpose(expert_weights), (-1,)), order
+    )
+    weights = ops.where(sorted_experts < num_experts, weights, 0.0)
+    contributions = ops.where(
+        (sorted_experts < num_experts)[:, None],
+        outputs * ops.cast(weights, outputs.dtype)[:, None],
+        0.0,
+    )
+    return ops.segment_sum(
+        contributions, sorted_positions, num_segments=num_tokens
+    )
+
+
+def dense_mixture(
+    inputs, expert_weights, expert_indices, hidden_kernel, hidden_bias,
+    output_kernel, output_bias, activation,
+):
+    """Reference: run every expert on every position, then weight.
+
+    `E/k` times the work of the sparse path and `[E, N, h]` memory: for
+    tests and benchmarks only.
+
+    Args:
+        inputs: `[N, d]`; expert_weights: `[N, k]`; expert_indices: int
+        `[N, k]`; kernels and biases as in `expert_feedforward`.
+
+    Returns:
+        tensor `[N, d_out]`.
+    """
+    num_experts = hidden_kernel.shape[0]
+    gates = ops.sum(
+        ops.one_hot(expert_indices, num_experts, dtype=inputs.dtype)
+        * ops.cast(expert_weights, inputs.dtype)[..., None],
+        axis=-2,
+    )
+    hidden = ops.einsum("nd,edh->enh", inputs, hidden_kernel)
+    hidden = activation(hidden + hidden_bias[:, None, :])
+    outputs = ops.einsum("enh,eho->eno", hidden, output_kernel)
+    outputs = outputs + output_bias[:, None, :]
+    return ops.einsum("ne,eno->no", gates, outputs)

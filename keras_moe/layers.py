@@ -72,8 +72,12 @@ class _ExpertLayerBase(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.supports_masking = True
         # Dropless capacity depends on the routing of each batch, a shape
-        # XLA cannot compile; `jit_compile="auto"` reads this.
-        self.supports_jit = capacity_factor is not None
+        # XLA cannot compile; `jit_compile="auto"` reads this. On JAX the
+        # dropless path is a grouped matmul with static shapes instead.
+        self.supports_jit = (
+            capacity_factor is not None
+            or keras.backend.backend() == "jax"
+        )
 
     def _make_gating(self):
         raise NotImplementedError
@@ -131,6 +135,19 @@ class _ExpertLayerBase(keras.layers.Layer):
         expert_weights, expert_indices = self.gating(
             features, training=training, mask=flat_mask
         )
+        if self.capacity_factor is None and keras.backend.backend() == "jax":
+            outputs = dispatch.ragged_mixture(
+                features,
+                expert_weights,
+                expert_indices,
+                self.expert_hidden_kernel,
+                self.expert_hidden_bias,
+                self.expert_output_kernel,
+                self.expert_output_bias,
+                self.activation,
+                mask=flat_mask,
+            )
+            return ops.reshape(outputs, leading_shape + (outputs.shape[-1],))
         capacity = None
         if self.capacity_factor is not None:
             capacity = dispatch.capacity_for(

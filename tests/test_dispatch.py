@@ -1,0 +1,228 @@
+"""Sparse dispatch: dropless and capacity modes against dense references."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+import keras_moe
+from keras_moe import dispatch
+from tests import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _np(x):
+    return ops.convert_to_numpy(x)
+
+
+def _layer(num_experts=8, k=2, d=6, seed=0, **kwargs):
+    layer = keras_moe.MixtureOfExperts(num_experts, hidden_units=10, k=k, seed=seed, **kwargs)
+    layer.build((None, d))
+    rng = np.random.default_rng(seed)
+    for weight in layer.weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
+    return layer
+
+
+def _expert_arrays(layer):
+    return [w.numpy() for w in (layer.expert_hidden_kernel, layer.expert_hidden_bias,
+                                layer.expert_output_kernel, layer.expert_output_bias)]
+
+
+def _reference_with_capacity(x, weights, indices, capacity, expert_arrays):
+    """Slots go to first choices first, then positions in order."""
+    num_experts = expert_arrays[0].shape[0]
+    taken = np.zeros(num_experts, int)
+    kept = np.zeros(indices.shape, bool)
+    for choice in range(indices.shape[1]):
+        for position in range(indices.shape[0]):
+            expert = indices[position, choice]
+            if taken[expert] < capacity:
+                taken[expert] += 1
+                kept[position, choice] = True
+    dense_gates = np.zeros((x.shape[0], num_experts))
+    np.put_along_axis(dense_gates, indices, np.where(kept, weights, 0.0), axis=1)
+    return reference.moe_output(x, dense_gates, *expert_arrays), int((~kept).sum())
+
+
+def test_plan_groups_assignments_by_expert_in_priority_order():
+    indices = np.array([[2, 0], [2, 1], [0, 2], [1, 3]], "int32")
+    plan = dispatch.plan_dispatch(indices, 4)
+    np.testing.assert_array_equal(_np(plan.tokens_per_expert), [2, 2, 3, 1])
+    assert int(_np(plan.capacity)) == 3 and int(_np(plan.num_dropped)) == 0
+    # Expert 2: first choices of positions 0 and 1, then position 2's second.
+    np.testing.assert_array_equal(_np(plan.slot_positions)[2], [0, 1, 2])
+    np.testing.assert_array_equal(_np(plan.slot_positions)[3], [3, 4, 4])  # 4 = empty
+    slots = _np(plan.assignment_slots)
+    assert sorted(slots.ravel()) == sorted(set(slots.ravel()))  # one slot each
+
+
+def test_plan_with_capacity_and_mask():
+    indices = np.array([[0, 1], [0, 1], [0, 2], [0, 1]], "int32")
+    mask = np.array([True, True, False, True])
+    plan = dispatch.plan_dispatch(indices, 3, capacity=2, mask=mask)
+    np.testing.assert_array_equal(_np(plan.tokens_per_expert), [3, 3, 0])
+    assert int(_np(plan.num_dropped)) == 2
+    slots = _np(plan.assignment_slots)
+    assert slots[2].tolist() == [6, 6]  # masked: no slot (6 = E*C)
+    assert slots[3].tolist() == [6, 6]  # beyond capacity for both experts
+
+
+@pytest.mark.parametrize("num_experts,k", [(4, 1), (8, 2), (16, 4), (5, 5)])
+def test_dropless_and_roomy_capacity_equal_the_dense_reference(num_experts, k):
+    x = np.random.default_rng(num_experts).normal(size=(40, 6)).astype("float32")
+    expected = None
+    for capacity_factor in (None, float(num_experts)):
+        layer = _layer(num_experts, k, seed=num_experts, capacity_factor=capacity_factor)
+        y = _np(layer(x))
+        if expected is None:
+            gates = reference.gates(x @ layer.gating.gate_kernel.numpy(), k)
+            expected = reference.moe_output(x, gates, *_expert_arrays(layer))
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0])
+def test_capacity_drops_exactly_the_assignments_beyond_capacity(capacity_factor):
+    num_experts, k, tokens = 4, 2, 30
+    layer = _layer(num_experts, k, seed=7, capacity_factor=capacity_factor)
+    x = np.random.default_rng(7).normal(size=(tokens, 6)).astype("float32")
+    weights, indices = (_np(t) for t in layer.gating(x))
+    capacity = int(np.ceil(capacity_factor * tokens * k / num_experts))
+    expected, expected_dropped = _reference_with_capacity(
+        x, weights, indices, capacity, _expert_arrays(layer)
+    )
+    np.testing.assert_allclose(_np(layer(x)), expected, rtol=1e-5, atol=1e-5)
+    plan = dispatch.plan_dispatch(indices, num_experts, capacity=capacity)
+    assert int(_np(plan.num_dropped)) == expected_dropped > 0
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 8.0, 0.5])
+def test_gradients_match_the_dense_reference(capacity_factor):
+    layer = _layer(8, 2, seed=3, capacity_factor=capacity_factor)
+    x = tf.constant(np.random.default_rng(3).normal(size=(24, 6)).astype("float32"))
+    probe = tf.constant(np.random.default_rng(4).normal(size=(24, 6)).astype("float32"))
+    expert_vars = [layer.expert_hidden_kernel, layer.expert_hidden_bias,
+                   layer.expert_output_kernel, layer.expert_output_bias]
+    variables = expert_vars + [layer.gating.gate_kernel]
+
+    with tf.GradientTape() as tape:
+        sparse = tf.reduce_sum(layer(x) * probe)
+    sparse_grads = tape.gradient(sparse, variables)
+
+    with tf.GradientTape() as tape:
+        weights, indices = layer.gating(x)
+        if capacity_factor is not None:
+            capacity = dispatch.capacity_for(24, 2, 8, capacity_factor)
+            plan = dispatch.plan_dispatch(indices, 8, capacity=capacity)
+            weights = tf.where(plan.assignment_slots < 8 * capacity, weights, 0.0)
+        dense = tf.reduce_sum(
+            dispatch.dense_mixture(x, weights, indices, *expert_vars, keras.activations.relu)
+            * probe
+        )
+    dense_grads = tape.gradient(dense, variables)
+    np.testing.assert_allclose(sparse.numpy(), dense.numpy(), rtol=1e-5)
+    for sparse_grad, dense_grad in zip(sparse_grads, dense_grads):
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(sparse_grad).numpy(),
+            tf.convert_to_tensor(dense_grad).numpy(),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_capacity_mode_compiles_with_xla_and_matches_eager():
+    layer = _layer(8, 2, seed=5, capacity_factor=1.25)
+    assert layer.supports_jit and not _layer(8, 2).supports_jit
+
+    @tf.function(jit_compile=True, input_signature=[tf.TensorSpec([None, 6])])
+    def compiled_step(x):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=False)
+            loss = tf.reduce_sum(tf.square(y))
+        return y, tape.gradient(loss, layer.expert_hidden_kernel)
+
+    for tokens in (16, 40):
+        x = np.random.default_rng(tokens).normal(size=(tokens, 6)).astype("float32")
+        y, grad = compiled_step(x)
+        np.testing.assert_allclose(y.numpy(), _np(layer(x)), rtol=1e-5, atol=1e-5)
+        assert np.isfinite(grad.numpy()).all()
+
+
+def test_jit_compile_auto_follows_the_mode():
+    # What Keras' jit_compile="auto" reads (it also turns XLA off on a CPU
+    # with TensorFlow, whatever the layers say).
+    from keras.src.trainers.trainer import model_supports_jit
+
+    for capacity_factor, expected in ((None, False), (1.5, True)):
+        inputs = keras.Input((6,))
+        model = keras.Model(inputs, _layer(4, 2, capacity_factor=capacity_factor)(inputs))
+        assert model_supports_jit(model) is expected
+        model.compile(optimizer="sgd", loss="mse", jit_compile="auto")
+        if not expected:
+            assert model.jit_compile is False
+
+
+JAX_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import keras
+    sys.path.insert(0, {root!r})
+    import keras_moe
+    from tests import reference
+    assert keras.backend.backend() == "jax"
+
+    x = np.random.default_rng(0).normal(size=(30, 6)).astype("float32")
+    for capacity_factor in (None, 8.0):
+        for layer in (
+            keras_moe.MixtureOfExperts(6, 10, k=2, capacity_factor=capacity_factor),
+            keras_moe.HierarchicalMixtureOfExperts(2, 3, 10, k=2, capacity_factor=capacity_factor),
+        ):
+            layer.build(x.shape)
+            rng = np.random.default_rng(1)
+            for weight in layer.weights:
+                weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
+            experts = [np.asarray(w.numpy()) for w in (
+                layer.expert_hidden_kernel, layer.expert_hidden_bias,
+                layer.expert_output_kernel, layer.expert_output_bias)]
+            weights, indices = (np.asarray(t) for t in layer.gating(x))
+            gates = np.zeros((30, layer.num_experts))
+            np.put_along_axis(gates, indices, weights, axis=1)
+            expected = reference.moe_output(x, gates, *experts)
+            y = np.asarray(keras.jit(layer)(x) if hasattr(keras, "jit") else layer(x))
+            np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+    tokens = np.random.default_rng(2).integers(1, 20, size=(128, 8)).astype("int32")
+    tokens[:, 6:] = 0
+    for capacity_factor in (None, 2.0):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input(shape=(None,), dtype="int32")
+        h = keras.layers.Embedding(20, 16, mask_zero=True)(inputs)
+        h = keras.layers.LSTM(16, return_sequences=True)(h)
+        h = keras_moe.MixtureOfExperts(4, 32, capacity_factor=capacity_factor)(h)
+        model = keras.Model(inputs, keras.layers.Dense(20)(h))
+        model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        assert model.jit_compile
+        losses = model.fit(tokens, tokens, epochs=10, batch_size=32, verbose=0).history["loss"]
+        assert losses[-1] < 0.8 * losses[0], losses
+    print("JAX OK")
+    """
+)
+
+
+def test_layers_on_the_jax_backend(tmp_path):
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", KERAS_HOME=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", JAX_SCRIPT.format(root=ROOT)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0 and "JAX OK" in result.stdout, result.stderr[-3000:]
