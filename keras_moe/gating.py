@@ -61,7 +61,8 @@ def normal_cdf(x):
     return 0.5 * (1.0 + ops.erf(x / math.sqrt(2.0)))
 
 
-def prob_in_top_k(clean_logits, noisy_logits, noise_stddev, k):
+def prob_in_top_k(clean_logits, noisy_logits, noise_stddev, k,
+                  top_values=None):
     """Probability that each expert is in the top k under fresh noise.
 
     Appendix A: `P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) /
@@ -74,6 +75,8 @@ def prob_in_top_k(clean_logits, noisy_logits, noise_stddev, k):
         noisy_logits: float tensor `[..., n]`, `H = clean + noise * stddev`.
         noise_stddev: float tensor `[..., n]`, positive.
         k: int, 1 <= k <= n.
+        top_values: optional `[..., k+1]`, the k+1 largest noisy logits in
+            descending order, when the caller has them already.
 
     Returns:
         float32 tensor `[..., n]` of probabilities. All ones when `k == n`
@@ -85,7 +88,8 @@ def prob_in_top_k(clean_logits, noisy_logits, noise_stddev, k):
     num_experts = noisy_logits.shape[-1]
     if num_experts is not None and k >= num_experts:
         return ops.ones_like(clean_logits)
-    top_values, _ = ops.top_k(noisy_logits, k=k + 1)
+    if top_values is None:
+        top_values, _ = ops.top_k(noisy_logits, k=k + 1)
     threshold_if_in = top_values[..., k : k + 1]
     threshold_if_out = top_values[..., k - 1 : k]
     is_in = ops.greater(noisy_logits, threshold_if_in)
@@ -94,24 +98,58 @@ def prob_in_top_k(clean_logits, noisy_logits, noise_stddev, k):
     return ops.where(is_in, prob_if_in, prob_if_out)
 
 
-def top_k_gates(logits, k):
+# Tied logits differ by at most TIE_BREAK * n after the offset: far below
+# float32 resolution of any non-zero logit, so only exact ties are decided.
+TIE_BREAK = 1e-30
+
+
+def _tie_break(logits):
+    """Offsets `[..., n]` that rotate the preferred expert from row to row.
+
+    `KeepTopK` is not defined for tied logits, and zero-initialised gate
+    kernels tie every expert at inference. `top_k` would then send every
+    position to experts 0..k-1 (and a dropless buffer would grow to
+    `E * N` rows); row `r` instead prefers experts `r, r+1, ...` (mod n),
+    which spreads tied positions evenly.
+    """
+    num_experts = logits.shape[-1]
+    flat_rows = ops.reshape(logits, (-1, num_experts))
+    rows = ops.arange(ops.shape(flat_rows)[0], dtype="int32")[:, None]
+    experts = ops.arange(num_experts, dtype="int32")[None, :]
+    rank = ops.mod(experts - rows, num_experts)
+    offsets = ops.cast(num_experts - 1 - rank, "float32") * TIE_BREAK
+    return ops.reshape(offsets, ops.shape(logits))
+
+
+def top_k_gates(logits, k, extra=0):
     """`Softmax(KeepTopK(logits, k))`, kept sparse.
 
     Args:
         logits: float tensor `[..., n]`.
         k: int, 1 <= k <= n.
+        extra: int. Also return the `k + extra` largest logits (at most
+            n), so that `prob_in_top_k` need not sort again.
 
     Returns:
         `(expert_weights, expert_indices)`: float32 `[..., k]` summing to 1
-        over the last axis, and int32 `[..., k]`, largest logit first.
+        over the last axis, and int32 `[..., k]`, largest logit first;
+        with `extra`, also the top `k + extra` logits `[..., k + extra]`.
     """
-    top_logits, expert_indices = ops.top_k(ops.cast(logits, "float32"), k=k)
+    logits = ops.cast(logits, "float32")
+    num_experts = logits.shape[-1]
+    width = min(k + extra, num_experts)
+    _, top_indices = ops.top_k(logits + _tie_break(logits), k=width)
+    top_values = ops.take_along_axis(logits, top_indices, axis=-1)
+    top_logits, expert_indices = top_values[..., :k], top_indices[..., :k]
     if k == 1:
         # A softmax over one logit is 1 (and has no gradient).
         expert_weights = ops.ones_like(top_logits)
     else:
         expert_weights = ops.softmax(top_logits, axis=-1)
-    return expert_weights, ops.cast(expert_indices, "int32")
+    expert_indices = ops.cast(expert_indices, "int32")
+    if extra:
+        return expert_weights, expert_indices, top_values
+    return expert_weights, expert_indices
 
 
 def expert_totals(values, expert_indices, num_experts):
@@ -423,14 +461,18 @@ class NoisyTopKGating(_GatingBase):
                 features,
                 ops.concatenate([self.gate_kernel, self.noise_kernel], -1),
             )
-            clean_logits = both[..., : self.num_experts]
-            noise_stddev = self._noise_stddev(both[..., self.num_experts :])
+            # split, not slicing: its gradient is a concat, not zero-fills.
+            clean_logits, noise_logits = ops.split(both, 2, axis=-1)
+            noise_stddev = self._noise_stddev(noise_logits)
             logits = clean_logits + noise_stddev * self._standard_normal(
                 ops.shape(clean_logits)
             )
+            expert_weights, expert_indices, top_values = top_k_gates(
+                logits, self.k, extra=1
+            )
         else:
             logits = ops.matmul(features, self.gate_kernel)
-        expert_weights, expert_indices = top_k_gates(logits, self.k)
+            expert_weights, expert_indices = top_k_gates(logits, self.k)
         position_mask = _position_mask(mask, expert_weights)
         expert_weights = expert_weights * position_mask
 
@@ -438,7 +480,10 @@ class NoisyTopKGating(_GatingBase):
             expert_weights, expert_indices, self.num_experts
         )
         if add_noise:
-            probs = prob_in_top_k(clean_logits, logits, noise_stddev, self.k)
+            probs = prob_in_top_k(
+                clean_logits, logits, noise_stddev, self.k,
+                top_values=top_values if self.k < self.num_experts else None,
+            )
             load = ops.sum(
                 ops.reshape(probs * position_mask, (-1, self.num_experts)),
                 axis=0,

@@ -88,6 +88,18 @@ def test_dropless_and_roomy_capacity_equal_the_dense_reference(num_experts, k):
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_untrained_dropless_layer_keeps_a_balanced_buffer():
+    # Zero gate kernels tie every expert at inference; without a tie rule
+    # all positions would go to experts 0 and 1 and the buffer would hold
+    # E * N rows.
+    layer = keras_moe.MixtureOfExperts(64, hidden_units=8, k=2)
+    x = np.random.default_rng(0).normal(size=(512, 6)).astype("float32")
+    layer(x)
+    _, indices = layer.gating(x)
+    plan = dispatch.plan_dispatch(indices, 64)
+    assert int(_np(plan.capacity)) == 512 * 2 // 64
+
+
 @pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0])
 def test_capacity_drops_exactly_the_assignments_beyond_capacity(capacity_factor):
     num_experts, k, tokens = 4, 2, 30

@@ -76,11 +76,20 @@ def test_gates_and_chosen_experts_at_inference(k):
     assert layer.losses == []
 
 
-def test_zero_initialised_gate_is_uniform_over_the_first_k():
+def test_zero_initialised_gate_breaks_ties_round_robin():
     layer = gating.NoisyTopKGating(4, k=2)
-    weights, indices = layer(np.ones((3, 8), "float32"))
-    np.testing.assert_allclose(_np(weights), 0.5)
+    weights, indices = layer(np.ones((6, 8), "float32"))
     assert layer.gate_kernel.numpy().max() == 0.0 == layer.noise_kernel.numpy().max()
+    np.testing.assert_allclose(_np(weights), 0.5)
+    # Every logit ties; row r takes experts r and r+1 (mod 4).
+    expected = [[r % 4, (r + 1) % 4] for r in range(6)]
+    np.testing.assert_array_equal(_np(indices), expected)
+
+
+def test_tie_break_never_overrides_a_real_difference():
+    logits = np.array([[0.0, 1e-6, 0.0, -1e-6], [5.0, 5.0, 5.0 + 1e-5, 5.0]], "float32")
+    _, indices = gating.top_k_gates(logits, 1)
+    np.testing.assert_array_equal(_np(indices)[:, 0], [1, 2])
 
 
 def _inject_noise(layer, draws):

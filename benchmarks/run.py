@@ -1,0 +1,390 @@
+"""MoE layer benchmark: `python -m benchmarks.run` (`make bench`).
+
+Workload (issue 3): float32, d=256, hidden_units=1024, k=2, N=4096 tokens
+(16 sequences of 256), E in {4, 16, 64, 256, 1024}. For each E, in one
+process and interleaved (each repetition times every configuration once),
+median of `--reps` repetitions after two warm-up calls, inside
+`tf.function`:
+
+- `dense`: the baseline, `Dense(k*hidden, relu) -> Dense(d)` on the same
+  tokens (the paper's computationally matched "MoE-1-Wide"); `dense-xla`
+  the same with `jit_compile=True`, the baseline of the XLA row.
+- `moe-dropless`: `MixtureOfExperts(capacity_factor=None)`.
+- `moe-capacity-xla`: `MixtureOfExperts(capacity_factor=1.25)`,
+  `jit_compile=True`.
+- `all-experts`: every expert on every token, weighted by the gates (what
+  keras-hub does), with our weights; also the reference our outputs are
+  checked against (`max_abs_diff`).
+- `keras-hub-mixtral`: keras-hub's `MixtralSparseMoeBlock` at the same
+  hidden size. Its experts are gated 3-matrix MLPs (1.5x our experts'
+  FLOPs at equal hidden size).
+
+The training step is forward + backward (gradients of the weights and of
+the input, as when the layer sits between LSTMs), without the optimizer.
+Peak memory is measured per configuration in a fresh process, after one
+traced step: the peak RSS mark is reset (`/proc/self/clear_refs`), two
+steps run, and the peak (`VmHWM`, as `resource.getrusage` reports it)
+minus the RSS before them (which holds the weights) is the step's peak,
+with `TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1` so that
+freed memory is returned. "Beyond weights and gradients" also subtracts
+one copy of the weights for their gradients.
+
+`all-experts` and `keras-hub-mixtral` build `[E, N, hidden]` activations
+(16 GB at E=1024) and are run for E <= 64 only.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+D_MODEL, HIDDEN, K, BATCH, LENGTH = 256, 1024, 2, 16, 256
+TOKENS = BATCH * LENGTH
+DENSE_ONLY_LIMIT = 64
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+CONFIGS = [
+    "dense",
+    "dense-xla",
+    "moe-dropless",
+    "moe-capacity-xla",
+    "all-experts",
+    "keras-hub-mixtral",
+]
+
+
+def _applies(config, num_experts):
+    if config in ("all-experts", "keras-hub-mixtral"):
+        return num_experts <= DENSE_ONLY_LIMIT
+    return True
+
+
+def build(config, num_experts):
+    """Returns (layer, forward(x) -> y, weights, jit_compile)."""
+    import keras
+    from keras import ops
+
+    import keras_moe
+    from keras_moe import dispatch
+
+    keras.utils.set_random_seed(0)
+    if config.startswith("dense"):
+        layer = keras.Sequential(
+            [
+                keras.Input((LENGTH, D_MODEL)),
+                keras.layers.Dense(K * HIDDEN, activation="relu"),
+                keras.layers.Dense(D_MODEL),
+            ]
+        )
+        return layer, lambda x, training: layer(x), config.endswith("xla")
+    if config == "keras-hub-mixtral":
+        from keras_hub.src.models.mixtral.mixtral_decoder import (
+            MixtralSparseMoeBlock,
+        )
+
+        layer = MixtralSparseMoeBlock(
+            hidden_dim=D_MODEL, intermediate_dim=HIDDEN, num_experts=num_experts,
+            top_k=K,
+        )
+        layer.build((BATCH, LENGTH, D_MODEL))
+        return layer, lambda x, training: layer(x, training=training)[0], False
+    capacity_factor = 1.25 if config == "moe-capacity-xla" else None
+    layer = keras_moe.MixtureOfExperts(
+        num_experts, HIDDEN, k=K, seed=0, capacity_factor=capacity_factor
+    )
+    layer.build((BATCH, LENGTH, D_MODEL))
+    # A trained router, not the zero initialisation: with zero kernels every
+    # position ties and inference sends them all to experts 0..k-1.
+    layer.gating.gate_kernel.assign(
+        keras.random.normal(
+            layer.gating.gate_kernel.shape, stddev=D_MODEL**-0.5, seed=1
+        )
+    )
+    if config == "all-experts":
+
+        def forward(x, training):
+            features = ops.reshape(x, (-1, D_MODEL))
+            weights, indices = layer.gating(features, training=training)
+            y = dispatch.dense_mixture(
+                features, weights, indices, layer.expert_hidden_kernel,
+                layer.expert_hidden_bias, layer.expert_output_kernel,
+                layer.expert_output_bias, layer.activation,
+            )
+            return ops.reshape(y, ops.shape(x))
+
+        return layer, forward, False
+    return layer, lambda x, training: layer(x, training=training), (
+        config == "moe-capacity-xla"
+    )
+
+
+def step_functions(layer, forward, jit_compile):
+    import tensorflow as tf
+
+    probe = tf.constant(
+        tf.random.stateless_normal((BATCH, LENGTH, D_MODEL), seed=(1, 2))
+    )
+
+    @tf.function(jit_compile=jit_compile)
+    def forward_step(x):
+        return forward(x, False)
+
+    @tf.function(jit_compile=jit_compile)
+    def train_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = forward(x, True)
+            loss = tf.reduce_sum(y * probe)
+            if layer.losses:
+                loss += tf.add_n(layer.losses)
+        return tape.gradient(loss, [x] + layer.trainable_weights)
+
+    return forward_step, train_step
+
+
+def _block(result):
+    import tensorflow as tf
+
+    for tensor in tf.nest.flatten(result):
+        if isinstance(tensor, tf.IndexedSlices):
+            tensor = tensor.values
+        tensor.numpy()
+
+
+def time_configs(num_experts, configs, reps):
+    """Interleaved timings: {config: (forward_s, train_s, max_abs_diff)}."""
+    import numpy as np
+    import tensorflow as tf
+
+    x = tf.constant(
+        tf.random.stateless_normal((BATCH, LENGTH, D_MODEL), seed=(0, 1))
+    )
+    steps = {}
+    layers = {}
+    for config in configs:
+        layer, forward, jit_compile = build(config, num_experts)
+        layers[config] = layer
+        steps[config] = step_functions(layer, forward, jit_compile)
+    # The reference shares our layer's weights.
+    if "all-experts" in layers and "moe-dropless" in layers:
+        for source, target in zip(
+            layers["moe-dropless"].weights, layers["all-experts"].weights
+        ):
+            target.assign(source)
+    for forward_step, train_step in steps.values():
+        for _ in range(2):
+            _block(forward_step(x))
+            _block(train_step(x))
+    times = {config: ([], []) for config in configs}
+    for _ in range(reps):
+        for config, (forward_step, train_step) in steps.items():
+            start = time.perf_counter()
+            _block(forward_step(x))
+            middle = time.perf_counter()
+            _block(train_step(x))
+            end = time.perf_counter()
+            times[config][0].append(middle - start)
+            times[config][1].append(end - middle)
+    diff = None
+    if "all-experts" in steps and "moe-dropless" in steps:
+        ours = steps["moe-dropless"][0](x).numpy()
+        ref = steps["all-experts"][0](x).numpy()
+        diff = float(np.abs(ours - ref).max())
+    return {
+        config: (
+            float(np.median(forward_times)),
+            float(np.median(train_times)),
+            diff if config == "moe-dropless" else None,
+        )
+        for config, (forward_times, train_times) in times.items()
+    }
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes():
+    """VmHWM (resettable); `ru_maxrss` where /proc lacks it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_probe(config, num_experts):
+    """Runs in a fresh process; prints a JSON line."""
+    import numpy as np
+    import tensorflow as tf
+
+    layer, forward, jit_compile = build(config, num_experts)
+    _, train_step = step_functions(layer, forward, jit_compile)
+    x = tf.constant(
+        tf.random.stateless_normal((BATCH, LENGTH, D_MODEL), seed=(0, 1))
+    )
+    weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in layer.weights)
+    _block(train_step(x))  # trace and compile outside the measurement
+    before = _rss_bytes()
+    # Reset the peak-RSS mark to the current RSS (Linux): the import of
+    # TensorFlow and tracing peaked higher than a step may.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    for _ in range(2):
+        _block(train_step(x))
+    peak = _peak_rss_bytes()
+    step_peak = max(peak - before, 0)
+    print(
+        json.dumps(
+            {
+                "weights_mb": weight_bytes / 2**20,
+                "step_peak_mb": step_peak / 2**20,
+            }
+        )
+    )
+
+
+def measure_memory(config, num_experts):
+    env = dict(os.environ, TF_ONEDNN_USE_SYSTEM_ALLOCATOR="1", KERAS_MOE_QUIET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--memory-probe", config,
+         str(num_experts)],
+        env=env, capture_output=True, text=True, timeout=1800,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        return None
+    return json.loads(lines[-1])
+
+
+def machine_description():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import keras
+    import tensorflow as tf
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, TensorFlow {tf.__version__}, "
+        f"Keras {keras.__version__}, Python {platform.python_version()}"
+    )
+
+
+COLUMNS = [
+    "experts", "config", "forward_ms", "train_ms", "tokens_per_s",
+    "train_ratio_vs_dense", "forward_ratio_vs_dense", "step_peak_mb",
+    "beyond_weight_grads_mb", "weights_mb", "max_abs_diff_vs_reference",
+]
+
+
+def _format(value):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def write_tables(rows, header, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "latest.csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c) for c in COLUMNS})
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(c)) for c in COLUMNS) + " |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "latest.md"), "w") as handle:
+        handle.write(table)
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="MoE layer benchmark")
+    parser.add_argument("--experts", default="4,16,64,256,1024")
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--memory-probe", nargs=2, metavar=("CONFIG", "E"))
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("KERAS_MOE_QUIET", "1")
+    import keras_moe  # noqa: F401  (quiet backend import)
+
+    if args.memory_probe:
+        memory_probe(args.memory_probe[0], int(args.memory_probe[1]))
+        return
+    configs = args.configs.split(",")
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError:
+        configs = [c for c in configs if c != "keras-hub-mixtral"]
+        print("keras-hub is not installed: skipping keras-hub-mixtral")
+
+    rows = []
+    for num_experts in [int(e) for e in args.experts.split(",")]:
+        active = [c for c in configs if _applies(c, num_experts)]
+        print(f"E={num_experts}: timing {', '.join(active)}", flush=True)
+        timings = time_configs(num_experts, active, args.reps)
+        for config in active:
+            forward_s, train_s, diff = timings[config]
+            baseline = "dense-xla" if config == "moe-capacity-xla" else "dense"
+            base = timings.get(baseline, timings.get("dense"))
+            row = {
+                "experts": num_experts,
+                "config": config,
+                "forward_ms": forward_s * 1e3,
+                "train_ms": train_s * 1e3,
+                "tokens_per_s": TOKENS / train_s,
+                "train_ratio_vs_dense": train_s / base[1] if base else None,
+                "forward_ratio_vs_dense": forward_s / base[0] if base else None,
+                "max_abs_diff_vs_reference": diff,
+            }
+            if not args.no_memory and config != "dense-xla":
+                memory = measure_memory(config, num_experts)
+                if memory:
+                    row["step_peak_mb"] = memory["step_peak_mb"]
+                    row["weights_mb"] = memory["weights_mb"]
+                    row["beyond_weight_grads_mb"] = (
+                        memory["step_peak_mb"] - memory["weights_mb"]
+                    )
+            rows.append(row)
+            print(
+                "  " + ", ".join(f"{c}={_format(row.get(c))}" for c in COLUMNS[1:]),
+                flush=True,
+            )
+    header = (
+        f"Benchmark of {datetime.date.today().isoformat()} on "
+        f"{machine_description()}. Workload: float32, d={D_MODEL}, "
+        f"hidden={HIDDEN}, k={K}, N={TOKENS} tokens; medians of {args.reps} "
+        f"interleaved repetitions. Ratios: train/forward time over the "
+        f"`dense` baseline's (`dense-xla`'s for `moe-capacity-xla`). "
+        f"Command: `make bench` (`python -m benchmarks.run`)."
+    )
+    print()
+    print(write_tables(rows, header, args.out))
+
+
+if __name__ == "__main__":
+    main()
