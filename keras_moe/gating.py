@@ -10,6 +10,7 @@ position takes, and `...` for any leading (position) axes.
 
 import collections
 import math
+import threading
 
 import keras
 from keras import ops
@@ -275,6 +276,28 @@ class _GatingBase(keras.layers.Layer):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
 
+    # Under a tf.distribute mirrored strategy every replica runs the model
+    # in a thread of its own, and the cross-replica sum in `route` hands
+    # control to the other replicas in the middle of the forward pass. Keras
+    # keeps a layer's losses in one list, cleared when a call starts: the
+    # replicas would then see each other's losses. One list per thread gives
+    # every replica its own.
+    def _per_thread(self):
+        if "_losses_per_thread" not in self.__dict__:
+            object.__setattr__(self, "_losses_per_thread", threading.local())
+        return self.__dict__["_losses_per_thread"]
+
+    @property
+    def _losses(self):
+        per_thread = self._per_thread()
+        if not hasattr(per_thread, "losses"):
+            per_thread.losses = []
+        return per_thread.losses
+
+    @_losses.setter
+    def _losses(self, value):
+        self._per_thread().losses = list(value)
+
     @property
     def num_routed_experts(self):
         """Number of distinct experts the returned indices range over."""
@@ -292,16 +315,16 @@ class _GatingBase(keras.layers.Layer):
         return keras.random.normal(shape, seed=self.seed_generator)
 
     def call(self, inputs, training=None, mask=None):
+        distribution.check_jit_compile(self)
         routing = self.route(inputs, training=training, mask=mask)
         if training and (self.importance_weight or self.load_weight):
-            self.add_loss(
-                balancing_loss(
-                    routing.importance,
-                    routing.load,
-                    self.importance_weight,
-                    self.load_weight,
-                )
+            loss = balancing_loss(
+                routing.importance,
+                routing.load,
+                self.importance_weight,
+                self.load_weight,
             )
+            self.add_loss(loss)
         return routing.expert_weights, routing.expert_indices
 
     def _flat_inputs(self, inputs, mask):
