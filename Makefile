@@ -11,13 +11,13 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,bench]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[lm,test,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m keras_moe.demo
+	$(PY) -m keras_moe.train --preset quick --compare-baseline --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

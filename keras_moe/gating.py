@@ -21,7 +21,9 @@ from keras_moe import distribution
 CV_EPSILON = 1e-10
 
 Routing = collections.namedtuple(
-    "Routing", ["expert_weights", "expert_indices", "importance", "load"]
+    "Routing",
+    ["expert_weights", "expert_indices", "importance", "load",
+     "tokens_per_expert", "num_positions"],
 )
 Routing.__doc__ = """What a gate decided for a batch.
 
@@ -35,6 +37,9 @@ Attributes:
     load: float32 tensor `[n]`, `Load(X)`: the smooth estimator
         `sum_x P(x, i)` when training with noise, else the number of
         positions routed to each expert.
+    tokens_per_expert: float32 tensor `[n]`, unmasked positions routed to
+        each expert (global batch).
+    num_positions: float32 scalar, unmasked positions (global batch).
 """
 
 
@@ -314,9 +319,48 @@ class _GatingBase(keras.layers.Layer):
     def _standard_normal(self, shape):
         return keras.random.normal(shape, seed=self.seed_generator)
 
+    def _build_statistics(self):
+        """Accumulators read by `keras_moe.callbacks.RoutingStatistics`.
+
+        Keras 3 layers cannot add metrics, so the training-time routing of
+        the global batch is summed into non-trainable variables.
+        """
+        experts = self.num_routed_experts
+        for name, shape in (
+            ("tokens_per_expert_total", (experts,)),
+            ("importance_total", (experts,)),
+            ("load_total", (experts,)),
+            ("positions_total", ()),
+        ):
+            setattr(
+                self,
+                name,
+                self.add_weight(
+                    name=name,
+                    shape=shape,
+                    initializer="zeros",
+                    dtype="float32",
+                    trainable=False,
+                    # Every replica holds the same global sums.
+                    aggregation="only_first_replica",
+                ),
+            )
+
+    def _record_statistics(self, routing):
+        self.tokens_per_expert_total.assign_add(routing.tokens_per_expert)
+        self.importance_total.assign_add(routing.importance)
+        self.load_total.assign_add(routing.load)
+        self.positions_total.assign_add(routing.num_positions)
+
+    def reset_statistics(self):
+        for variable in self.non_trainable_weights:
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+
     def call(self, inputs, training=None, mask=None):
         distribution.check_jit_compile(self)
         routing = self.route(inputs, training=training, mask=mask)
+        if training:
+            self._record_statistics(routing)
         if training and (self.importance_weight or self.load_weight):
             loss = balancing_loss(
                 routing.importance,
@@ -460,6 +504,7 @@ class NoisyTopKGating(_GatingBase):
                 initializer=self.kernel_initializer,
                 dtype="float32",
             )
+        self._build_statistics()
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
         )
@@ -511,17 +556,20 @@ class NoisyTopKGating(_GatingBase):
                 ops.reshape(probs * position_mask, (-1, self.num_experts)),
                 axis=0,
             )
-        else:
-            load = expert_totals(
-                ops.broadcast_to(position_mask, ops.shape(expert_indices)),
-                expert_indices,
-                self.num_experts,
-            )
+        tokens_per_expert = expert_totals(
+            ops.broadcast_to(position_mask, ops.shape(expert_indices)),
+            expert_indices,
+            self.num_experts,
+        )
+        if not add_noise:
+            load = tokens_per_expert
         return Routing(
             expert_weights,
             expert_indices,
             distribution.global_batch_sum(importance),
             distribution.global_batch_sum(load),
+            distribution.global_batch_sum(tokens_per_expert),
+            distribution.global_batch_sum(ops.sum(position_mask)),
         )
 
     def get_config(self):
@@ -625,6 +673,7 @@ class HierarchicalNoisyTopKGating(_GatingBase):
                     dtype="float32",
                 ),
             )
+        self._build_statistics()
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
         )
@@ -712,17 +761,15 @@ class HierarchicalNoisyTopKGating(_GatingBase):
                 ops.reshape(group_indices, (-1,)),
                 num_segments=num_groups,
             )
-        else:
+        tokens_per_expert = expert_totals(
+            ops.broadcast_to(position_mask, ops.shape(expert_indices)),
+            expert_indices,
+            self.num_routed_experts,
+        )
+        if not add_noise:
             primary_load = routed_to_group
             inner_load = ops.reshape(
-                expert_totals(
-                    ops.broadcast_to(
-                        position_mask, ops.shape(expert_indices)
-                    ),
-                    expert_indices,
-                    self.num_routed_experts,
-                ),
-                (num_groups, group_size),
+                tokens_per_expert, (num_groups, group_size)
             )
         primary_load = distribution.global_batch_sum(primary_load)
         inner_load = distribution.global_batch_sum(inner_load)
@@ -739,6 +786,8 @@ class HierarchicalNoisyTopKGating(_GatingBase):
             ops.reshape(expert_indices, leading + (k * k,)),
             distribution.global_batch_sum(importance),
             ops.reshape(load, (-1,)),
+            distribution.global_batch_sum(tokens_per_expert),
+            distribution.global_batch_sum(ops.sum(position_mask)),
         )
 
     def get_config(self):

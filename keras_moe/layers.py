@@ -7,9 +7,11 @@ distribution code can shard them along it.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_moe import dispatch
+from keras_moe import distribution
 from keras_moe import gating as gating_lib
 
 
@@ -123,9 +125,56 @@ class _ExpertLayerBase(keras.layers.Layer):
                     dtype=self.variable_dtype,
                 ),
             )
+        self.dropped_assignments_total = self.add_weight(
+            name="dropped_assignments_total",
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
         )
+
+    def routing_statistics(self):
+        """How training positions were routed since the last reset.
+
+        Sums over every training batch (the global batch under a
+        `tf.distribute` strategy) since `reset_routing_statistics()`.
+
+        Returns:
+            dict: `fraction_per_expert` (float array `[E]`, share of the
+            routed assignments each expert received), `importance_cv2` and
+            `load_cv2` (CV^2 of the summed Importance and Load),
+            `max_mean_load` (busiest expert's assignments over the mean),
+            `unused_experts` (experts that received nothing),
+            `dropped_fraction` (assignments dropped for capacity) and
+            `positions` (unmasked positions seen).
+        """
+        gating = self.gating
+        counts = np.asarray(ops.convert_to_numpy(gating.tokens_per_expert_total))
+        assignments = float(counts.sum())
+        mean = counts.mean()
+
+        def cv2(value):
+            value = np.asarray(ops.convert_to_numpy(value), np.float64)
+            return float(value.var() / (value.mean() ** 2 + gating_lib.CV_EPSILON))
+
+        dropped = float(ops.convert_to_numpy(self.dropped_assignments_total))
+        return {
+            "fraction_per_expert": counts / max(assignments, 1.0),
+            "importance_cv2": cv2(gating.importance_total),
+            "load_cv2": cv2(gating.load_total),
+            "max_mean_load": float(counts.max() / mean) if mean > 0 else 0.0,
+            "unused_experts": int((counts == 0).sum()),
+            "dropped_fraction": dropped / max(assignments, 1.0),
+            "positions": float(ops.convert_to_numpy(gating.positions_total)),
+        }
+
+    def reset_routing_statistics(self):
+        self.gating.reset_statistics()
+        self.dropped_assignments_total.assign(0.0)
 
     def call(self, inputs, training=None, mask=None):
         gating_lib.check_feature_input(self, inputs.shape, inputs.dtype)
@@ -168,6 +217,12 @@ class _ExpertLayerBase(keras.layers.Layer):
             self.activation,
         )
         outputs = dispatch.combine(expert_outputs, expert_weights, plan)
+        if training and self.capacity_factor is not None:
+            self.dropped_assignments_total.assign_add(
+                distribution.global_batch_sum(
+                    ops.cast(plan.num_dropped, "float32")
+                )
+            )
         return ops.reshape(outputs, leading_shape + (outputs.shape[-1],))
 
     def compute_output_shape(self, input_shape):

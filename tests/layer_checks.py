@@ -47,6 +47,7 @@ def check_layer(
     expected_output_shapes,
     expected_num_trainable_weights,
     expected_num_seed_generators=1,
+    expected_num_statistics=4,
     tmp_path=None,
 ):
     rng = np.random.default_rng(0)
@@ -63,7 +64,9 @@ def check_layer(
     shapes = [tuple(o.shape) for o in _as_list(outputs)]
     assert shapes == [tuple(s) for s in expected_output_shapes], shapes
     assert len(layer.trainable_weights) == expected_num_trainable_weights
-    assert len(layer.non_trainable_weights) == 0
+    # Non-trainable weights are the routing-statistics accumulators only.
+    assert len(layer.non_trainable_weights) == expected_num_statistics
+    assert all(w.name.endswith("_total") for w in layer.non_trainable_weights)
     seed_generators = [
         sub for sub in layer._flatten_layers() for _ in sub._seed_generators
     ]

@@ -26,7 +26,7 @@ def _layer(num_experts=8, k=2, d=6, seed=0, **kwargs):
     layer = keras_moe.MixtureOfExperts(num_experts, hidden_units=10, k=k, seed=seed, **kwargs)
     layer.build((None, d))
     rng = np.random.default_rng(seed)
-    for weight in layer.weights:
+    for weight in layer.trainable_weights:
         weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
     return layer
 
@@ -199,7 +199,7 @@ JAX_SCRIPT = textwrap.dedent(
         ):
             layer.build(x.shape)
             rng = np.random.default_rng(1)
-            for weight in layer.weights:
+            for weight in layer.trainable_weights:
                 weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
             experts = [np.asarray(w.numpy()) for w in (
                 layer.expert_hidden_kernel, layer.expert_hidden_bias,

@@ -79,7 +79,7 @@ def test_mirrored_balancing_loss_and_gate_gradients_are_those_of_the_global_batc
             with strategy.scope():
                 layer = make()
                 layer.build((None, 6))
-            for weight in layer.weights:
+            for weight in layer.trainable_weights:
                 weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
             gate_vars = layer.gating.trainable_weights
 

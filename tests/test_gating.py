@@ -135,7 +135,7 @@ def test_load_without_noise_is_a_count():
     g, load, importance = reference.noisy_gating(x, layer.gate_kernel.numpy(), None, 2)
     np.testing.assert_array_equal(_np(routing.load), load)
     np.testing.assert_allclose(_np(routing.importance), importance, rtol=1e-5)
-    assert len(layer.weights) == 1  # no noise kernel when not noisy
+    assert len(layer.trainable_weights) == 1  # no noise kernel when not noisy
 
 
 def test_masked_positions_get_zero_gates_and_do_not_count():
@@ -181,7 +181,7 @@ def _hierarchical_layer(a, b, k, d, seed=0, **kwargs):
     layer = gating.HierarchicalNoisyTopKGating(a, b, k=k, **kwargs)
     layer.build((None, d))
     rng = np.random.default_rng(seed)
-    for weight in layer.weights:
+    for weight in layer.trainable_weights:
         weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
     return layer
 

@@ -20,7 +20,7 @@ def _np(x):
 
 def _randomise(layer, seed=0, scale=0.5):
     rng = np.random.default_rng(seed)
-    for weight in layer.weights:
+    for weight in layer.trainable_weights:
         weight.assign(rng.normal(size=weight.shape).astype("float32") * scale)
 
 
@@ -274,6 +274,8 @@ def test_every_public_layer_passes_the_shared_checks(
         expected_output_shapes=output_shapes,
         expected_num_trainable_weights=num_weights,
         expected_num_seed_generators=num_seeds,
+        # The gate's 4 accumulators, and the MoE layers' dropped count.
+        expected_num_statistics=5 if "hidden_units" in init_kwargs else 4,
         tmp_path=tmp_path,
     )
 
