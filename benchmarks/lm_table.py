@@ -11,6 +11,7 @@ hidden units: the same expert multiply-adds), and writes
 import argparse
 import json
 import os
+import sys
 
 from benchmarks.run import RESULTS, machine_description
 
@@ -46,7 +47,9 @@ def main(argv=None):
         (row,) = train.main(common + options + ["--out", os.path.join(args.out, name)])
         row["name"] = name
         rows.append(row)
-    command = "python -m benchmarks.lm_table " + " ".join(argv or [])
+    command = "python -m benchmarks.lm_table " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     lines = [
         f"PTB word-level language models, {args.epochs} epochs each, "
         f"trained identically (`{' '.join(common)}`), on "

@@ -73,6 +73,40 @@ def capacity_for(num_tokens, experts_per_token, num_experts, capacity_factor):
     return ops.maximum(ops.cast(capacity, "int32"), 1)
 
 
+def _sort_assignments(expert_indices, num_experts, mask=None):
+    """Orders the `N*k` assignments by expert, stably.
+
+    Assignments are laid out choice-major (every position's first choice
+    before any second choice), so that under a capacity limit first
+    choices win; masked ones go to a virtual expert `E` that owns no slot.
+
+    Returns:
+        `(order, sorted_experts, counts)`: int32 `[N*k]` permutation, the
+        expert of each sorted assignment, and int32 `[E + 1]` assignments
+        per expert (the last entry counts masked ones).
+    """
+    experts_per_token = expert_indices.shape[1]
+    assignment_experts = ops.reshape(
+        ops.transpose(ops.cast(expert_indices, "int32")), (-1,)
+    )
+    if mask is not None:
+        assignment_mask = ops.tile(ops.cast(mask, "bool"), (experts_per_token,))
+        assignment_experts = ops.where(
+            assignment_mask, assignment_experts, num_experts
+        )
+    order = ops.cast(ops.argsort(assignment_experts), "int32")
+    sorted_experts = ops.take(assignment_experts, order)
+    counts = ops.cast(
+        ops.segment_sum(
+            ops.ones_like(assignment_experts),
+            assignment_experts,
+            num_segments=num_experts + 1,
+        ),
+        "int32",
+    )
+    return order, sorted_experts, counts
+
+
 def plan_dispatch(expert_indices, num_experts, capacity=None, mask=None):
     """Assigns every (position, expert) pair a slot in the expert buffer.
 
@@ -87,29 +121,11 @@ def plan_dispatch(expert_indices, num_experts, capacity=None, mask=None):
     Returns:
         `DispatchPlan`.
     """
-    expert_indices = ops.cast(expert_indices, "int32")
     num_tokens = ops.shape(expert_indices)[0]
     experts_per_token = expert_indices.shape[1]
     num_assignments = num_tokens * experts_per_token
-
-    # Choice-major order: every position's first choice comes before any
-    # second choice, so under a capacity limit the first choices win.
-    assignment_experts = ops.reshape(ops.transpose(expert_indices), (-1,))
-    if mask is not None:
-        # Masked assignments go to a virtual expert E that owns no slot.
-        assignment_mask = ops.tile(ops.cast(mask, "bool"), (experts_per_token,))
-        assignment_experts = ops.where(
-            assignment_mask, assignment_experts, num_experts
-        )
-    order = ops.cast(ops.argsort(assignment_experts), "int32")
-    sorted_experts = ops.take(assignment_experts, order)
-    counts = ops.cast(
-        ops.segment_sum(
-            ops.ones_like(assignment_experts),
-            assignment_experts,
-            num_segments=num_experts + 1,
-        ),
-        "int32",
+    order, sorted_experts, counts = _sort_assignments(
+        expert_indices, num_experts, mask
     )
     tokens_per_expert = counts[:num_experts]
     starts = ops.cumsum(counts) - counts
@@ -245,25 +261,10 @@ def ragged_mixture(
     output_kernel = ops.convert_to_tensor(output_kernel)
     num_tokens = inputs.shape[0]
     num_experts = hidden_kernel.shape[0]
-    experts_per_token = expert_indices.shape[1]
-    assignment_experts = ops.reshape(
-        ops.transpose(ops.cast(expert_indices, "int32")), (-1,)
+    order, sorted_experts, counts = _sort_assignments(
+        expert_indices, num_experts, mask
     )
-    if mask is not None:
-        assignment_mask = ops.tile(ops.cast(mask, "bool"), (experts_per_token,))
-        assignment_experts = ops.where(
-            assignment_mask, assignment_experts, num_experts
-        )
-    order = ops.cast(ops.argsort(assignment_experts), "int32")
-    sorted_experts = ops.take(assignment_experts, order)
-    group_sizes = ops.cast(
-        ops.segment_sum(
-            ops.ones_like(assignment_experts),
-            assignment_experts,
-            num_segments=num_experts + 1,
-        )[:num_experts],
-        "int32",
-    )
+    group_sizes = counts[:num_experts]
     sorted_positions = order % num_tokens
     bias_rows = ops.minimum(sorted_experts, num_experts - 1)
     rows = ops.take(inputs, sorted_positions, axis=0)

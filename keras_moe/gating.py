@@ -224,6 +224,27 @@ def _validate_gating_args(num_experts, k, noise_epsilon):
         )
 
 
+def _validate_hierarchical_args(num_groups, experts_per_group, k,
+                                noise_epsilon):
+    if not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(
+            f"`num_groups` must be an integer >= 1. Received: "
+            f"num_groups={num_groups}"
+        )
+    if not isinstance(experts_per_group, int) or experts_per_group < 1:
+        raise ValueError(
+            f"`experts_per_group` must be an integer >= 1. Received: "
+            f"experts_per_group={experts_per_group}"
+        )
+    _validate_gating_args(num_groups, k, noise_epsilon)
+    if k > experts_per_group:
+        raise ValueError(
+            f"`k` must be <= `experts_per_group` (k experts are chosen "
+            f"within each group). Received: k={k}, "
+            f"experts_per_group={experts_per_group}"
+        )
+
+
 def check_feature_input(layer, input_shape, input_dtype=None):
     """Raises a ValueError naming what is wrong with a layer's input.
 
@@ -618,18 +639,9 @@ class HierarchicalNoisyTopKGating(_GatingBase):
     def __init__(self, num_groups, experts_per_group, k=2, noisy=True,
                  noise_epsilon=1e-2, importance_weight=0.1, load_weight=0.1,
                  seed=None, kernel_initializer="zeros", **kwargs):
-        _validate_gating_args(num_groups, k, noise_epsilon)
-        if not isinstance(experts_per_group, int) or experts_per_group < 1:
-            raise ValueError(
-                f"`experts_per_group` must be an integer >= 1. Received: "
-                f"experts_per_group={experts_per_group}"
-            )
-        if k > experts_per_group:
-            raise ValueError(
-                f"`k` must be <= `experts_per_group` (k experts are chosen "
-                f"within each group). Received: k={k}, "
-                f"experts_per_group={experts_per_group}"
-            )
+        _validate_hierarchical_args(
+            num_groups, experts_per_group, k, noise_epsilon
+        )
         super().__init__(
             k=k,
             noisy=noisy,

@@ -46,9 +46,15 @@ class _ExpertLayerBase(keras.layers.Layer):
     def __init__(
         self,
         hidden_units,
+        k=2,
         output_units=None,
         activation="relu",
+        noisy_gating=True,
+        noise_epsilon=1e-2,
+        importance_weight=0.1,
+        load_weight=0.1,
         capacity_factor=None,
+        seed=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -56,6 +62,12 @@ class _ExpertLayerBase(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.k = k
+        self.noisy_gating = bool(noisy_gating)
+        self.noise_epsilon = noise_epsilon
+        self.importance_weight = importance_weight
+        self.load_weight = load_weight
+        self.seed = seed
         _check_positive_int("hidden_units", hidden_units)
         if output_units is not None:
             _check_positive_int("output_units", output_units)
@@ -83,6 +95,18 @@ class _ExpertLayerBase(keras.layers.Layer):
 
     def _make_gating(self):
         raise NotImplementedError
+
+    def _gating_kwargs(self):
+        return dict(
+            k=self.k,
+            noisy=self.noisy_gating,
+            noise_epsilon=self.noise_epsilon,
+            importance_weight=self.importance_weight,
+            load_weight=self.load_weight,
+            seed=self.seed,
+            dtype=self.dtype_policy,
+            name="gating",
+        )
 
     @property
     def num_experts(self):
@@ -240,7 +264,13 @@ class _ExpertLayerBase(keras.layers.Layer):
         return {
             **super().get_config(),
             "hidden_units": self.hidden_units,
+            "k": self.k,
             "output_units": self.output_units,
+            "noisy_gating": self.noisy_gating,
+            "noise_epsilon": self.noise_epsilon,
+            "importance_weight": self.importance_weight,
+            "load_weight": self.load_weight,
+            "seed": self.seed,
             "activation": keras.activations.serialize(self.activation),
             "capacity_factor": self.capacity_factor,
             "kernel_initializer": keras.initializers.serialize(
@@ -341,18 +371,18 @@ class MixtureOfExperts(_ExpertLayerBase):
         gating_lib._validate_gating_args(num_experts, k, noise_epsilon)
         super().__init__(
             hidden_units,
+            k=k,
             output_units=output_units,
             activation=activation,
+            noisy_gating=noisy_gating,
+            noise_epsilon=noise_epsilon,
+            importance_weight=importance_weight,
+            load_weight=load_weight,
             capacity_factor=capacity_factor,
+            seed=seed,
             **kwargs,
         )
         self._num_experts = num_experts
-        self.k = k
-        self.noisy_gating = bool(noisy_gating)
-        self.noise_epsilon = noise_epsilon
-        self.importance_weight = importance_weight
-        self.load_weight = load_weight
-        self.seed = seed
 
     @property
     def num_experts(self):
@@ -360,28 +390,11 @@ class MixtureOfExperts(_ExpertLayerBase):
 
     def _make_gating(self):
         return gating_lib.NoisyTopKGating(
-            self._num_experts,
-            k=self.k,
-            noisy=self.noisy_gating,
-            noise_epsilon=self.noise_epsilon,
-            importance_weight=self.importance_weight,
-            load_weight=self.load_weight,
-            seed=self.seed,
-            dtype=self.dtype_policy,
-            name="gating",
+            self._num_experts, **self._gating_kwargs()
         )
 
     def get_config(self):
-        return {
-            **super().get_config(),
-            "num_experts": self._num_experts,
-            "k": self.k,
-            "noisy_gating": self.noisy_gating,
-            "noise_epsilon": self.noise_epsilon,
-            "importance_weight": self.importance_weight,
-            "load_weight": self.load_weight,
-            "seed": self.seed,
-        }
+        return {**super().get_config(), "num_experts": self._num_experts}
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
@@ -429,29 +442,24 @@ class HierarchicalMixtureOfExperts(_ExpertLayerBase):
         seed=None,
         **kwargs,
     ):
-        _check_positive_int("num_groups", num_groups)
-        _check_positive_int("experts_per_group", experts_per_group)
-        gating_lib._validate_gating_args(num_groups, k, noise_epsilon)
-        if k > experts_per_group:
-            raise ValueError(
-                f"`k` must be <= `experts_per_group`. Received: k={k}, "
-                f"experts_per_group={experts_per_group}"
-            )
+        gating_lib._validate_hierarchical_args(
+            num_groups, experts_per_group, k, noise_epsilon
+        )
         super().__init__(
             hidden_units,
+            k=k,
             output_units=output_units,
             activation=activation,
+            noisy_gating=noisy_gating,
+            noise_epsilon=noise_epsilon,
+            importance_weight=importance_weight,
+            load_weight=load_weight,
             capacity_factor=capacity_factor,
+            seed=seed,
             **kwargs,
         )
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
-        self.k = k
-        self.noisy_gating = bool(noisy_gating)
-        self.noise_epsilon = noise_epsilon
-        self.importance_weight = importance_weight
-        self.load_weight = load_weight
-        self.seed = seed
 
     @property
     def num_experts(self):
@@ -459,16 +467,7 @@ class HierarchicalMixtureOfExperts(_ExpertLayerBase):
 
     def _make_gating(self):
         return gating_lib.HierarchicalNoisyTopKGating(
-            self.num_groups,
-            self.experts_per_group,
-            k=self.k,
-            noisy=self.noisy_gating,
-            noise_epsilon=self.noise_epsilon,
-            importance_weight=self.importance_weight,
-            load_weight=self.load_weight,
-            seed=self.seed,
-            dtype=self.dtype_policy,
-            name="gating",
+            self.num_groups, self.experts_per_group, **self._gating_kwargs()
         )
 
     def get_config(self):
@@ -476,10 +475,4 @@ class HierarchicalMixtureOfExperts(_ExpertLayerBase):
             **super().get_config(),
             "num_groups": self.num_groups,
             "experts_per_group": self.experts_per_group,
-            "k": self.k,
-            "noisy_gating": self.noisy_gating,
-            "noise_epsilon": self.noise_epsilon,
-            "importance_weight": self.importance_weight,
-            "load_weight": self.load_weight,
-            "seed": self.seed,
         }

@@ -257,3 +257,22 @@ def test_multi_worker_mirrored_fit_in_two_processes(tmp_path):
     assert len(first.files) == len(second.files) > 0
     for name in first.files:
         np.testing.assert_array_equal(first[name], second[name])
+
+
+def test_cli_trains_under_mirrored_strategy(tmp_path):
+    _run(
+        f"""
+        from keras_moe import train
+        (row,) = train.main([
+            "--experts", "4", "--hidden-units", "16", "--model-dim", "16",
+            "--epochs", "1", "--batch-size", "8", "--seq-len", "10",
+            "--max-tokens", "3000", "--strategy", "mirrored",
+            "--out", {str(tmp_path / "run")!r}, "--verbose", "0",
+        ])
+        assert 1.0 < row["test_perplexity"] < 1e5, row
+        # 8 rows of (3000 - 1) // 8 = 374 tokens: 37 windows of 10 per row.
+        assert row["routing"]["moe"][0]["positions"] == 37 * 8 * 10
+        print("DONE")
+        """,
+        tmp_path,
+    )
