@@ -127,7 +127,7 @@ def _tie_break(logits):
     return ops.reshape(offsets, ops.shape(logits))
 
 
-def top_k_gates(logits, k, extra=0):
+def top_k_gates(logits, k, extra=0, break_ties=True):
     """`Softmax(KeepTopK(logits, k))`, kept sparse.
 
     Args:
@@ -135,6 +135,9 @@ def top_k_gates(logits, k, extra=0):
         k: int, 1 <= k <= n.
         extra: int. Also return the `k + extra` largest logits (at most
             n), so that `prob_in_top_k` need not sort again.
+        break_ties: bool. Spread exactly tied logits round-robin over the
+            rows (`_tie_break`). Needless for noisy logits, which do not
+            tie; it costs a few passes over `[..., n]`.
 
     Returns:
         `(expert_weights, expert_indices)`: float32 `[..., k]` summing to 1
@@ -144,7 +147,8 @@ def top_k_gates(logits, k, extra=0):
     logits = ops.cast(logits, "float32")
     num_experts = logits.shape[-1]
     width = min(k + extra, num_experts)
-    _, top_indices = ops.top_k(logits + _tie_break(logits), k=width)
+    selection = logits + _tie_break(logits) if break_ties else logits
+    _, top_indices = ops.top_k(selection, k=width)
     top_values = ops.take_along_axis(logits, top_indices, axis=-1)
     top_logits, expert_indices = top_values[..., :k], top_indices[..., :k]
     if k == 1:
@@ -557,7 +561,7 @@ class NoisyTopKGating(_GatingBase):
                 ops.shape(clean_logits)
             )
             expert_weights, expert_indices, top_values = top_k_gates(
-                logits, self.k, extra=1
+                logits, self.k, extra=1, break_ties=False
             )
         else:
             logits = ops.matmul(features, self.gate_kernel)
@@ -725,7 +729,9 @@ class HierarchicalNoisyTopKGating(_GatingBase):
             noisy_primary = clean_primary
 
         # Level 1: k of the groups.
-        group_weights, group_indices = top_k_gates(noisy_primary, k)
+        group_weights, group_indices = top_k_gates(
+            noisy_primary, k, break_ties=not add_noise
+        )
         position_mask = _position_mask(
             None if mask is None else ops.reshape(mask, (-1,)), group_weights
         )
@@ -745,7 +751,9 @@ class HierarchicalNoisyTopKGating(_GatingBase):
             )
         else:
             noisy_chosen = clean_chosen
-        inner_weights, inner_indices = top_k_gates(noisy_chosen, k)
+        inner_weights, inner_indices = top_k_gates(
+            noisy_chosen, k, break_ties=not add_noise
+        )
 
         expert_weights = ops.reshape(
             group_weights[..., None] * inner_weights, (-1, k * k)
