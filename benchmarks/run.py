@@ -342,10 +342,18 @@ def main(argv=None):
         configs = [c for c in configs if c != "keras-hub-mixtral"]
         print("keras-hub is not installed: skipping keras-hub-mixtral")
 
+    import gc
+
+    import keras
+
     rows = []
     for num_experts in [int(e) for e in args.experts.split(",")]:
         active = [c for c in configs if _applies(c, num_experts)]
         print(f"E={num_experts}: timing {', '.join(active)}", flush=True)
+        # Each E starts clean: the layers and traced functions of the last
+        # one (0.5 GB of weights at E=256) slowed the memory-bound E=1024.
+        keras.backend.clear_session()
+        gc.collect()
         timings = time_configs(num_experts, active, args.reps)
         for config in active:
             forward_s, train_s, diff = timings[config]
