@@ -52,6 +52,32 @@ def global_batch_sum(value):
     return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
 
 
+def global_batch_sums(values):
+    """`global_batch_sum` of several tensors with one all-reduce.
+
+    Each all-reduce is a synchronisation point of the replicas, so a gate's
+    statistics are packed into one vector, summed once and unpacked.
+
+    Args:
+        values: list of float32 tensors with static shapes.
+
+    Returns:
+        list of tensors with the same shapes.
+    """
+    if num_replicas_in_sync() == 1:
+        return list(values)
+    from keras import ops
+
+    flat = [ops.reshape(value, (-1,)) for value in values]
+    sizes = [int(value.shape[0]) for value in flat]
+    summed = global_batch_sum(ops.concatenate(flat, axis=0))
+    pieces, start = [], 0
+    for value, size in zip(values, sizes):
+        pieces.append(ops.reshape(summed[start : start + size], value.shape))
+        start += size
+    return pieces
+
+
 def num_replicas_in_sync():
     """Replicas whose batches make up one global batch (1 off-strategy)."""
     tf = _tensorflow()

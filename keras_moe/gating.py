@@ -591,10 +591,9 @@ class NoisyTopKGating(_GatingBase):
         return Routing(
             expert_weights,
             expert_indices,
-            distribution.global_batch_sum(importance),
-            distribution.global_batch_sum(load),
-            distribution.global_batch_sum(tokens_per_expert),
-            distribution.global_batch_sum(ops.sum(position_mask)),
+            *distribution.global_batch_sums(
+                [importance, load, tokens_per_expert, ops.sum(position_mask)]
+            ),
         )
 
     def get_config(self):
@@ -791,9 +790,23 @@ class HierarchicalNoisyTopKGating(_GatingBase):
             inner_load = ops.reshape(
                 tokens_per_expert, (num_groups, group_size)
             )
-        primary_load = distribution.global_batch_sum(primary_load)
-        inner_load = distribution.global_batch_sum(inner_load)
-        routed_to_group = distribution.global_batch_sum(routed_to_group)
+        (
+            primary_load,
+            inner_load,
+            routed_to_group,
+            importance,
+            tokens_per_expert,
+            num_positions,
+        ) = distribution.global_batch_sums(
+            [
+                primary_load,
+                inner_load,
+                routed_to_group,
+                importance,
+                tokens_per_expert,
+                ops.sum(position_mask),
+            ]
+        )
         load = (
             primary_load[:, None]
             * inner_load
@@ -804,10 +817,10 @@ class HierarchicalNoisyTopKGating(_GatingBase):
         return Routing(
             ops.reshape(expert_weights, leading + (k * k,)),
             ops.reshape(expert_indices, leading + (k * k,)),
-            distribution.global_batch_sum(importance),
+            importance,
             ops.reshape(load, (-1,)),
-            distribution.global_batch_sum(tokens_per_expert),
-            distribution.global_batch_sum(ops.sum(position_mask)),
+            tokens_per_expert,
+            num_positions,
         )
 
     def get_config(self):

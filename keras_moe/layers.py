@@ -182,8 +182,7 @@ class _ExpertLayerBase(keras.layers.Layer):
         mean = counts.mean()
 
         def cv2(value):
-            value = np.asarray(ops.convert_to_numpy(value), np.float64)
-            return float(value.var() / (value.mean() ** 2 + gating_lib.CV_EPSILON))
+            return float(ops.convert_to_numpy(gating_lib.cv_squared(value)))
 
         dropped = float(ops.convert_to_numpy(self.dropped_assignments_total))
         return {
@@ -367,7 +366,6 @@ class MixtureOfExperts(_ExpertLayerBase):
         seed=None,
         **kwargs,
     ):
-        _check_positive_int("num_experts", num_experts)
         gating_lib._validate_gating_args(num_experts, k, noise_epsilon)
         super().__init__(
             hidden_units,
