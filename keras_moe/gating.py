@@ -275,6 +275,22 @@ def check_feature_input(layer, input_shape, input_dtype=None):
         )
 
 
+def add_accumulator(layer, name, shape):
+    """A zero-initialised, non-trainable float32 sum of global statistics.
+
+    Every replica adds the same (all-reduced) values, so the first
+    replica's update is the one kept.
+    """
+    return layer.add_weight(
+        name=name,
+        shape=shape,
+        initializer="zeros",
+        dtype="float32",
+        trainable=False,
+        aggregation="only_first_replica",
+    )
+
+
 class _GatingBase(keras.layers.Layer):
     """What the flat and hierarchical gates share: config, the loss, specs.
 
@@ -357,19 +373,7 @@ class _GatingBase(keras.layers.Layer):
             ("load_total", (experts,)),
             ("positions_total", ()),
         ):
-            setattr(
-                self,
-                name,
-                self.add_weight(
-                    name=name,
-                    shape=shape,
-                    initializer="zeros",
-                    dtype="float32",
-                    trainable=False,
-                    # Every replica holds the same global sums.
-                    aggregation="only_first_replica",
-                ),
-            )
+            setattr(self, name, add_accumulator(self, name, shape))
 
     def _record_statistics(self, routing):
         self.tokens_per_expert_total.assign_add(routing.tokens_per_expert)

@@ -149,13 +149,8 @@ class _ExpertLayerBase(keras.layers.Layer):
                     dtype=self.variable_dtype,
                 ),
             )
-        self.dropped_assignments_total = self.add_weight(
-            name="dropped_assignments_total",
-            shape=(),
-            initializer="zeros",
-            dtype="float32",
-            trainable=False,
-            aggregation="only_first_replica",
+        self.dropped_assignments_total = gating_lib.add_accumulator(
+            self, "dropped_assignments_total", ()
         )
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
