@@ -41,15 +41,12 @@ def global_batch_sum(value):
     Returns:
         tensor of the same shape.
     """
+    if num_replicas_in_sync() == 1:
+        return value
     tf = _tensorflow()
-    if tf is None:
-        return value
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-        return value
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
+    return tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, value
+    )
 
 
 def global_batch_sums(values):

@@ -180,6 +180,24 @@ def expert_totals(values, expert_indices, num_experts):
     )
 
 
+def assignments_per_expert(position_mask, expert_indices, num_experts):
+    """Unmasked (position, expert) assignments per expert.
+
+    Args:
+        position_mask: float `[..., 1]`, 1 for unmasked positions.
+        expert_indices: int `[..., k]`.
+        num_experts: int.
+
+    Returns:
+        float32 tensor `[num_experts]`.
+    """
+    return expert_totals(
+        ops.broadcast_to(position_mask, ops.shape(expert_indices)),
+        expert_indices,
+        num_experts,
+    )
+
+
 def balancing_loss(importance, load, importance_weight, load_weight):
     """`w_importance * CV(Importance)^2 + w_load * CV(Load)^2` (Section 4).
 
@@ -579,16 +597,14 @@ class NoisyTopKGating(_GatingBase):
         if add_noise:
             probs = prob_in_top_k(
                 clean_logits, logits, noise_stddev, self.k,
-                top_values=top_values if self.k < self.num_experts else None,
+                top_values=top_values,
             )
             load = ops.sum(
                 ops.reshape(probs * position_mask, (-1, self.num_experts)),
                 axis=0,
             )
-        tokens_per_expert = expert_totals(
-            ops.broadcast_to(position_mask, ops.shape(expert_indices)),
-            expert_indices,
-            self.num_experts,
+        tokens_per_expert = assignments_per_expert(
+            position_mask, expert_indices, self.num_experts
         )
         if not add_noise:
             load = tokens_per_expert
@@ -784,10 +800,8 @@ class HierarchicalNoisyTopKGating(_GatingBase):
                 ops.reshape(group_indices, (-1,)),
                 num_segments=num_groups,
             )
-        tokens_per_expert = expert_totals(
-            ops.broadcast_to(position_mask, ops.shape(expert_indices)),
-            expert_indices,
-            self.num_routed_experts,
+        tokens_per_expert = assignments_per_expert(
+            position_mask, expert_indices, self.num_routed_experts
         )
         if not add_noise:
             primary_load = routed_to_group

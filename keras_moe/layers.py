@@ -7,7 +7,6 @@ distribution code can shard them along it.
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_moe import dispatch
@@ -172,7 +171,7 @@ class _ExpertLayerBase(keras.layers.Layer):
             `positions` (unmasked positions seen).
         """
         gating = self.gating
-        counts = np.asarray(ops.convert_to_numpy(gating.tokens_per_expert_total))
+        counts = ops.convert_to_numpy(gating.tokens_per_expert_total)
         assignments = float(counts.sum())
         mean = counts.mean()
 
@@ -214,7 +213,16 @@ class _ExpertLayerBase(keras.layers.Layer):
                 self.activation,
                 mask=flat_mask,
             )
-            return ops.reshape(outputs, leading_shape + (outputs.shape[-1],))
+        else:
+            outputs = self._sparse_mixture(
+                features, expert_weights, expert_indices, flat_mask, training
+            )
+        return ops.reshape(outputs, leading_shape + (outputs.shape[-1],))
+
+    def _sparse_mixture(
+        self, features, expert_weights, expert_indices, flat_mask, training
+    ):
+        """Plan, dispatch, run the experts and combine: `[N, d_out]`."""
         capacity = None
         if self.capacity_factor is not None:
             capacity = dispatch.capacity_for(
@@ -241,7 +249,7 @@ class _ExpertLayerBase(keras.layers.Layer):
                     ops.cast(plan.num_dropped, "float32")
                 )
             )
-        return ops.reshape(outputs, leading_shape + (outputs.shape[-1],))
+        return outputs
 
     def compute_output_shape(self, input_shape):
         gating_lib.check_feature_input(self, input_shape)

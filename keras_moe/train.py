@@ -145,7 +145,6 @@ def train_one(args, datasets, vocab_size, num_experts, out_dir, strategy=None):
 
     os.makedirs(out_dir, exist_ok=True)
     model = build_and_compile(args, vocab_size, num_experts, strategy)
-    model.build((None, None))
     routing = moe_callbacks.RoutingStatistics(
         log_dir=os.path.join(out_dir, "tensorboard")
     )
@@ -167,7 +166,7 @@ def train_one(args, datasets, vocab_size, num_experts, out_dir, strategy=None):
         verbose=args.verbose,
     )
     train_seconds = time.perf_counter() - start
-    valid = model.evaluate(datasets["valid"], verbose=0, return_dict=True)
+    # fit's last validation pass already used the final weights.
     test = model.evaluate(datasets["test"], verbose=0, return_dict=True)
 
     serving = models.probabilities_model(model)
@@ -182,7 +181,7 @@ def train_one(args, datasets, vocab_size, num_experts, out_dir, strategy=None):
         "experts_per_position": experts_per_position(args),
         "parameters": int(model.count_params()),
         "ops_per_timestep": models.ops_per_timestep(model),
-        "valid_perplexity": _perplexity(valid["xent"]),
+        "valid_perplexity": _perplexity(epochs["val_xent"][-1]),
         "test_perplexity": _perplexity(test["xent"]),
         "train_seconds": train_seconds,
         "epochs": {
