@@ -47,20 +47,28 @@ def main(argv=None):
         (row,) = train.main(common + options + ["--out", os.path.join(args.out, name)])
         row["name"] = name
         rows.append(row)
+        write_table(rows, args, common, argv)
+
+
+def write_table(rows, args, common, argv):
+    """Writes the rows so far (a long run keeps what it has finished)."""
     command = "python -m benchmarks.lm_table " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     lines = [
-        f"PTB word-level language models, {args.epochs} epochs each, "
+        f"PTB word-level language models, up to {args.epochs} epochs each "
+        "(learning rate halved when validation perplexity stalls, stopped "
+        "after 2 epochs without improvement, best-validation weights kept), "
         f"trained identically (`{' '.join(common)}`), on "
         f"{machine_description()}. Command: `{command.strip()}`.",
         "",
-        "| model | parameters | ops/timestep | valid ppl | test ppl | train s |",
-        "|---|---|---|---|---|---|",
+        "| model | parameters | ops/timestep | epochs | valid ppl | test ppl | train s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['name']} | {row['parameters']:,} | {row['ops_per_timestep']:,} "
+            f"| {row['epochs_trained']} "
             f"| {row['valid_perplexity']:.1f} | {row['test_perplexity']:.1f} "
             f"| {row['train_seconds']:.0f} |"
         )

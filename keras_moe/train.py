@@ -29,13 +29,13 @@ PRESETS = {
     "quick": dict(
         model_dim=128, experts=16, k=2, hidden_units=256, epochs=3,
         batch_size=32, seq_len=20, learning_rate=3e-3, dropout=0.1,
-        max_tokens=200_000,
+        max_tokens=200_000, schedule="constant",
     ),
     # The full corpus.
     "ptb": dict(
         model_dim=256, experts=16, k=2, hidden_units=512, epochs=10,
         batch_size=32, seq_len=35, learning_rate=2e-3, dropout=0.3,
-        max_tokens=None,
+        max_tokens=None, schedule="plateau",
     ),
 }
 
@@ -59,6 +59,11 @@ def parse_args(argv=None):
     parser.add_argument("--dropout", type=float)
     parser.add_argument("--max-tokens", type=int, help="use the first N tokens of each split")
     parser.add_argument("--capacity-factor", type=float, default=None)
+    parser.add_argument(
+        "--schedule", choices=["constant", "plateau"],
+        help="plateau: halve the learning rate when validation perplexity "
+        "stops improving and keep the best-validation weights",
+    )
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--compare-baseline", action="store_true",
                         help="also train the computationally matched dense baseline")
@@ -156,6 +161,15 @@ def train_one(args, datasets, vocab_size, num_experts, out_dir, strategy=None):
             save_weights_only=True,
         ),
     ]
+    if args.schedule == "plateau":
+        callbacks += [
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_xent", factor=0.5, patience=0, verbose=0
+            ),
+            keras.callbacks.EarlyStopping(
+                monitor="val_xent", patience=2, restore_best_weights=True
+            ),
+        ]
     start = time.perf_counter()
     history = model.fit(
         datasets["train"],
@@ -166,7 +180,8 @@ def train_one(args, datasets, vocab_size, num_experts, out_dir, strategy=None):
         verbose=args.verbose,
     )
     train_seconds = time.perf_counter() - start
-    # fit's last validation pass already used the final weights.
+    # The final weights are the last epoch's, or the best-validation epoch's
+    # under the plateau schedule: report validation for those weights.
     test = model.evaluate(datasets["test"], verbose=0, return_dict=True)
 
     serving = models.probabilities_model(model)
@@ -181,7 +196,11 @@ def train_one(args, datasets, vocab_size, num_experts, out_dir, strategy=None):
         "experts_per_position": experts_per_position(args),
         "parameters": int(model.count_params()),
         "ops_per_timestep": models.ops_per_timestep(model),
-        "valid_perplexity": _perplexity(epochs["val_xent"][-1]),
+        "valid_perplexity": _perplexity(
+            min(epochs["val_xent"]) if args.schedule == "plateau"
+            else epochs["val_xent"][-1]
+        ),
+        "epochs_trained": len(epochs["val_xent"]),
         "test_perplexity": _perplexity(test["xent"]),
         "train_seconds": train_seconds,
         "epochs": {
