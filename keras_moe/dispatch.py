@@ -180,10 +180,15 @@ def dispatch(inputs, plan):
     Returns:
         tensor `[E, C, d]`; empty slots are zero.
     """
-    padded = ops.concatenate(
-        [inputs, ops.zeros((1, inputs.shape[-1]), inputs.dtype)], axis=0
+    # Empty slots hold N: gather a clipped row and zero it. (Not a zero row
+    # appended to `inputs`: the gradient of that concatenate slices
+    # IndexedSlices with data-dependent shapes, which DTensor mis-partitions.)
+    num_tokens = ops.shape(inputs)[0]
+    filled = ops.less(plan.slot_positions, num_tokens)[..., None]
+    rows = ops.take(
+        inputs, ops.minimum(plan.slot_positions, num_tokens - 1), axis=0
     )
-    return ops.take(padded, plan.slot_positions, axis=0)
+    return ops.where(filled, rows, ops.zeros((), inputs.dtype))
 
 
 def combine(expert_outputs, expert_weights, plan):

@@ -401,7 +401,7 @@ class _GatingBase(keras.layers.Layer):
 
     def reset_statistics(self):
         for variable in self.non_trainable_weights:
-            variable.assign(ops.zeros(variable.shape, variable.dtype))
+            variable.assign(ops.zeros_like(variable))
 
     def call(self, inputs, training=None, mask=None):
         distribution.check_jit_compile(self)

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_moe import dispatch
 from keras_moe import distribution
+from keras_moe import expert_parallel
 from keras_moe import gating as gating_lib
 
 
@@ -234,14 +235,19 @@ class _ExpertLayerBase(keras.layers.Layer):
         plan = dispatch.plan_dispatch(
             expert_indices, self.num_experts, capacity=capacity, mask=flat_mask
         )
+        # Under ExpertParallel the buffer moves to the device of its expert
+        # and the outputs come back (no-ops otherwise).
         expert_outputs = dispatch.expert_feedforward(
-            dispatch.dispatch(features, plan),
+            expert_parallel.to_expert_layout(
+                self, dispatch.dispatch(features, plan)
+            ),
             self.expert_hidden_kernel,
             self.expert_hidden_bias,
             self.expert_output_kernel,
             self.expert_output_bias,
             self.activation,
         )
+        expert_outputs = expert_parallel.to_token_layout(self, expert_outputs)
         outputs = dispatch.combine(expert_outputs, expert_weights, plan)
         if training and self.capacity_factor is not None:
             self.dropped_assignments_total.assign_add(

@@ -26,6 +26,8 @@ def language_model(
     load_weight=0.1,
     seed=None,
     name=None,
+    sequence_length=None,
+    unroll=False,
 ):
     """Builds `Embedding -> LSTM -> MoE -> LSTM -> softmax` (Appendix C).
 
@@ -47,6 +49,10 @@ def language_model(
         capacity_factor, noisy_gating, importance_weight, load_weight,
         seed: passed to the MoE layer.
         name: model name.
+        sequence_length: optional int. A fixed number of time steps
+            (`None`: any).
+        unroll: bool. Unroll the LSTMs over time (needs `sequence_length`;
+            required by DTensor, see `expert_parallel.ExpertParallel`).
 
     Returns:
         `keras.Model` mapping int32 token ids `[batch, time]` to logits
@@ -54,14 +60,17 @@ def language_model(
         feed-forward layers "ffn_hidden" and "ffn_output"), the output
         layer "logits".
     """
-    inputs = keras.Input(shape=(None,), dtype="int32", name="tokens")
+    if unroll and not sequence_length:
+        raise ValueError("`unroll=True` needs a fixed `sequence_length`.")
+    inputs = keras.Input(shape=(sequence_length,), dtype="int32", name="tokens")
     x = keras.layers.Embedding(vocab_size, model_dim, name="embedding")(inputs)
     x = keras.layers.Dropout(dropout)(x)
 
     def residual(x, branch):
         return keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
 
-    x = residual(x, keras.layers.LSTM(model_dim, return_sequences=True, name="lstm_1")(x))
+    x = residual(x, keras.layers.LSTM(
+        model_dim, return_sequences=True, unroll=unroll, name="lstm_1")(x))
     if num_experts:
         common = dict(
             hidden_units=hidden_units,
@@ -91,7 +100,8 @@ def language_model(
         )(x)
         branch = keras.layers.Dense(model_dim, name="ffn_output")(hidden)
     x = residual(x, branch)
-    x = residual(x, keras.layers.LSTM(model_dim, return_sequences=True, name="lstm_2")(x))
+    x = residual(x, keras.layers.LSTM(
+        model_dim, return_sequences=True, unroll=unroll, name="lstm_2")(x))
     logits = keras.layers.Dense(vocab_size, name="logits")(x)
     if name is None:
         name = "moe_lm" if num_experts else "dense_lm"

@@ -1,0 +1,418 @@
+"""Expert parallelism: one copy of each expert, its weights on one device.
+
+PAPER.md section 5: data parallelism alone replicates every expert on every
+device, so the model is capped by one device's memory. Here the stacked
+expert weights (`[E, d, h]`, `[E, h]`, `[E, h, d_out]`, `[E, d_out]`) are
+sharded along their expert axis over an `expert` mesh axis, so each of
+`n` devices holds `E / n` experts; everything else is replicated (or
+sharded by batch over a `batch` axis).
+
+Two backends, one idea:
+
+- TensorFlow: `ExpertParallel` builds a `tf.experimental.dtensor` mesh,
+  moves a built, compiled Keras model's variables onto it (expert weights
+  sharded, the rest replicated) and gives the model train/test/predict
+  functions that pack each batch onto the mesh, so `model.fit`,
+  `evaluate` and `predict` work unchanged.
+- JAX: `jax_model_parallel` returns a `keras.distribution.ModelParallel`
+  whose `LayoutMap` shards the expert axis of every MoE weight; set it with
+  `keras.distribution.set_distribution` before building the model.
+
+Inside a step (TensorFlow), for each MoE layer: the gate runs where the
+tokens are; `dispatch` gathers the `[E, C, d]` buffer, which is relaid out
+to the expert-sharded layout (with a batch-sharded mesh this is the
+all-to-all; with all devices on the expert axis each device just keeps its
+experts' rows); each device runs its `E / n` experts on its rows; the
+`[E, C, d_out]` outputs are relaid out to the token layout (an all-gather)
+and combined. Gradients flow back the same way.
+"""
+
+import keras
+
+BATCH_AXIS = "batch"
+EXPERT_AXIS = "expert"
+
+# Names of the stacked per-expert weights of the MoE layers: their first
+# axis is the expert axis.
+EXPERT_WEIGHTS = (
+    "expert_hidden_kernel",
+    "expert_hidden_bias",
+    "expert_output_kernel",
+    "expert_output_bias",
+)
+
+
+def _expert_layers(model):
+    from keras_moe import layers as moe_layers
+
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, moe_layers._ExpertLayerBase)
+    ]
+
+
+def _check_expert_count(layer, shards):
+    if layer.num_experts % shards:
+        raise ValueError(
+            f"{layer.__class__.__name__} '{layer.name}' has "
+            f"num_experts={layer.num_experts}, which does not divide over "
+            f"{shards} expert shards; use a multiple of {shards}."
+        )
+
+
+def to_expert_layout(layer, buffer):
+    """Relays out a dispatched `[E, C, d]` buffer to the expert shards.
+
+    A no-op unless `layer` was placed by `ExpertParallel`.
+    """
+    placement = getattr(layer, "_expert_placement", None)
+    if placement is None:
+        return buffer
+    return placement.relayout(buffer, placement.expert_layout(len(buffer.shape)))
+
+
+def to_token_layout(layer, outputs):
+    """Relays the experts' `[E, C, d_out]` outputs back for `combine`."""
+    placement = getattr(layer, "_expert_placement", None)
+    if placement is None:
+        return outputs
+    return placement.relayout(outputs, placement.replicated(len(outputs.shape)))
+
+
+class ExpertParallel:
+    """Shards MoE experts over devices with DTensor (TensorFlow backend).
+
+    A mesh of `batch_shards x expert_shards` devices (GPUs when there are
+    any, else CPUs; see `distribution.use_virtual_cpu_devices`). Every MoE
+    layer's stacked expert weights are sharded along the expert axis, so a
+    device holds `num_experts / expert_shards` experts; all other variables
+    (embeddings, LSTMs, gates, optimizer slots of those) are replicated, and
+    batches are split over the `batch` axis.
+
+    Usage:
+
+    ```python
+    model = keras.Model(...)          # any model with MoE layers
+    model.compile(optimizer, loss)
+    parallel = ExpertParallel()       # all devices on the expert axis
+    parallel.distribute(model)
+    model.fit(dataset, epochs=2)      # unchanged
+    ```
+
+    Recurrent layers must be built with `unroll=True`: DTensor has no layout
+    propagation for the TensorList ops of a `while` loop over time
+    (`'tf.EmptyTensorList' op does not implement layout propagation`).
+    MoE layers need a `capacity_factor`: DTensor needs static shapes, and a
+    dropless buffer's size depends on the routing. `distribute` checks both.
+    Saving: see `unsharded_weights`.
+
+    Args:
+        expert_shards: devices on the expert axis (default: all devices
+            divided by `batch_shards`).
+        batch_shards: devices on the batch axis (default 1). Global batch
+            sizes must be divisible by it.
+        device_type: "GPU" or "CPU"; default GPU when present.
+    """
+
+    def __init__(self, expert_shards=None, batch_shards=1, device_type=None):
+        import tensorflow as tf
+        from tensorflow.experimental import dtensor
+
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(
+                "ExpertParallel uses DTensor and needs the TensorFlow backend; "
+                "on JAX use keras_moe.expert_parallel.jax_model_parallel()."
+            )
+        if device_type is None:
+            device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        devices = tf.config.list_logical_devices(device_type)
+        if batch_shards < 1:
+            raise ValueError(f"`batch_shards` must be >= 1. Received: {batch_shards}")
+        if expert_shards is None:
+            expert_shards = len(devices) // batch_shards
+        if expert_shards < 1 or batch_shards * expert_shards > len(devices):
+            raise ValueError(
+                f"A {batch_shards} x {expert_shards} mesh needs "
+                f"{batch_shards * expert_shards} {device_type} devices; "
+                f"there are {len(devices)}."
+            )
+        self._tf = tf
+        self._dtensor = dtensor
+        self.batch_shards = batch_shards
+        self.expert_shards = expert_shards
+        self.mesh = dtensor.create_mesh(
+            [(BATCH_AXIS, batch_shards), (EXPERT_AXIS, expert_shards)],
+            devices=[d.name for d in devices[: batch_shards * expert_shards]],
+            device_type=device_type,
+        )
+        self._model = None
+
+    # Layouts -------------------------------------------------------------
+
+    def replicated(self, rank):
+        return self._dtensor.Layout.replicated(self.mesh, rank)
+
+    def expert_layout(self, rank):
+        """Sharded on axis 0 over the expert axis, the rest unsharded."""
+        unsharded = [self._dtensor.UNSHARDED] * (rank - 1)
+        return self._dtensor.Layout([EXPERT_AXIS] + unsharded, self.mesh)
+
+    def batch_layout(self, rank):
+        return self._dtensor.Layout.batch_sharded(self.mesh, BATCH_AXIS, rank)
+
+    def relayout(self, tensor, layout):
+        return self._dtensor.relayout(tensor, layout)
+
+    def layout_of(self, variable):
+        """The DTensor layout a (Keras) variable lives in."""
+        value = getattr(variable, "value", variable)
+        return self._dtensor.fetch_layout(value)
+
+    def pack(self, value, layout):
+        """Copies a host value onto the mesh in `layout`."""
+        tensor = self._tf.convert_to_tensor(value)
+        on_mesh = self._dtensor.copy_to_mesh(tensor, self.replicated(layout.rank))
+        return on_mesh if layout.is_fully_replicated() else self.relayout(on_mesh, layout)
+
+    def _read(self, value):
+        value = getattr(value, "value", value)  # Keras variable -> tf variable
+        if isinstance(value, self._tf.Variable):
+            value = value.read_value()
+        return value
+
+    def local_values(self, variable):
+        """The per-device pieces of a variable, in mesh device order."""
+        return self._dtensor.unpack(self._read(variable))
+
+    def expert_placement(self, model):
+        """Which experts each device holds: `{layer name: {device: range}}`."""
+        placement = {}
+        for layer in _expert_layers(model):
+            pieces = self.local_values(layer.expert_hidden_kernel)
+            start, devices = 0, {}
+            for piece in pieces:
+                devices[piece.device] = range(start, start + piece.shape[0])
+                if self.batch_shards == 1:
+                    start += piece.shape[0]
+                else:
+                    start = (start + piece.shape[0]) % layer.num_experts
+            placement[layer.name] = devices
+        return placement
+
+    def to_numpy(self, value):
+        """A (replicated or sharded) DTensor, or anything else, as NumPy."""
+        value = self._read(value)
+        if self._dtensor.is_dtensor(value):
+            layout = self._dtensor.fetch_layout(value)
+            if not layout.is_fully_replicated():
+                value = self.relayout(value, self.replicated(layout.rank))
+            value = self._dtensor.unpack(value)[0]
+        return keras.ops.convert_to_numpy(value)
+
+    # Variables -----------------------------------------------------------
+
+    def _place(self, variable, layout):
+        """Moves a Keras variable's storage onto the mesh in `layout`."""
+        if self._dtensor.is_dtensor(variable.value):
+            return
+        packed = self.pack(variable.value, layout)
+        variable._value = self._dtensor.DVariable(
+            packed, trainable=variable.trainable, name=variable.name
+        )
+
+    def _place_remaining(self, variables):
+        for variable in variables:
+            self._place(variable, self.replicated(len(variable.shape)))
+
+    def distribute(self, model):
+        """Places a built, compiled `model` on the mesh; returns `model`.
+
+        Expert weights are sharded on the expert axis, everything else is
+        replicated. The model's train/test/predict functions are replaced by
+        ones that pack each batch onto the mesh (batch-sharded) and run the
+        Keras step under DTensor, so `fit`, `evaluate` and `predict` work as
+        usual. Call it once, after `compile` and before `fit`.
+        """
+        if not model.built:
+            raise ValueError(
+                "ExpertParallel.distribute needs a built model (a functional "
+                "model, or call it on a batch first)."
+            )
+        if model.optimizer is None:
+            raise ValueError("Compile the model before ExpertParallel.distribute.")
+        for layer in model._flatten_layers(include_self=False):
+            if isinstance(layer, keras.layers.RNN) and not layer.unroll:
+                raise ValueError(
+                    f"{layer.__class__.__name__} '{layer.name}' must be built "
+                    "with unroll=True under DTensor: its while loop's TensorList "
+                    "ops have no DTensor layout propagation."
+                )
+        experts = _expert_layers(model)
+        if not experts:
+            raise ValueError("The model has no MixtureOfExperts layers to shard.")
+        for layer in experts:
+            _check_expert_count(layer, self.expert_shards)
+            if layer.capacity_factor is None:
+                raise ValueError(
+                    f"{layer.__class__.__name__} '{layer.name}' is dropless "
+                    "(capacity_factor=None), whose buffer size depends on the "
+                    "routing; DTensor needs static shapes. Give it a "
+                    "capacity_factor (e.g. 2.0) to shard its experts."
+                )
+            for name in EXPERT_WEIGHTS:
+                variable = getattr(layer, name)
+                self._place(variable, self.expert_layout(len(variable.shape)))
+            layer._expert_placement = self
+        self._place_remaining(model.variables)
+        self._watch_optimizer(model.optimizer)
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.train_function = self._function(model, model.train_step)
+        model.test_function = self._function(model, model.test_step)
+        model.predict_function = self._function(model, model.predict_step)
+        # Keras' TensorFlow trainer would rebuild these functions when
+        # asked to; ours stay in place.
+        model.make_train_function = lambda force=False: model.train_function
+        model.make_test_function = lambda force=False: model.test_function
+        model.make_predict_function = lambda force=False: model.predict_function
+        self._model = model
+        return model
+
+    def unsharded_weights(self, model):
+        """`model.get_weights()` gathered to the host (NumPy arrays).
+
+        Keras' savers (`save_weights`, `ModelCheckpoint`, `export`) read
+        variables as host arrays, which a sharded DTensor is not; set these
+        on an unsharded copy of the model to save or export it.
+        """
+        return [self.to_numpy(variable) for variable in model.weights]
+
+    def _watch_optimizer(self, optimizer):
+        """Optimizer slots take the layout of the variable they belong to."""
+        create = optimizer.add_variable_from_reference
+
+        def add_variable_from_reference(reference_variable, *args, **kwargs):
+            slot = create(reference_variable, *args, **kwargs)
+            self._place(slot, self.layout_of(reference_variable))
+            return slot
+
+        optimizer.add_variable_from_reference = add_variable_from_reference
+
+        # Two DTensor gaps (TF 2.21), worked around here:
+        # - sparse updates (ResourceScatterSub, from an Embedding's
+        #   IndexedSlices gradient) have no layout propagation: gradients
+        #   are applied densely;
+        # - an optimizer update whose gradient is sharded like its variable
+        #   and slots reads stale slots (Adam moved sharded weights by 0 or
+        #   by m / epsilon; plain DVariable ops and replicated gradients are
+        #   right): gradients are relaid out to replicated before the
+        #   update. Each device then briefly holds a full expert gradient;
+        #   the weights and slots stay sharded.
+        apply = optimizer.apply
+        tf = self._tf
+        dtensor = self._dtensor
+
+        def apply_on_mesh(grads, trainable_variables=None):
+            replicated = []
+            for grad in grads:
+                if isinstance(grad, tf.IndexedSlices):
+                    grad = tf.convert_to_tensor(grad)
+                if grad is not None:
+                    grad = dtensor.relayout(grad, self.replicated(grad.shape.rank))
+                replicated.append(grad)
+            return apply(replicated, trainable_variables)
+
+        optimizer.apply = apply_on_mesh
+
+    # Steps ---------------------------------------------------------------
+
+    def _pack_batch(self, data):
+        def pack(value):
+            value = self._tf.convert_to_tensor(value)
+            rank = value.shape.rank
+            if rank and self.batch_shards > 1:
+                if value.shape[0] % self.batch_shards:
+                    raise ValueError(
+                        f"A batch of {value.shape[0]} does not split over "
+                        f"{self.batch_shards} batch shards."
+                    )
+                return self.pack(value, self.batch_layout(rank))
+            return self.pack(value, self.replicated(rank))
+
+        return self._tf.nest.map_structure(pack, data)
+
+    def _function(self, model, step):
+        """A Keras train/test/predict function running `step` on the mesh."""
+        tf = self._tf
+        # Not reduce_retracing: DTensor's layout propagation needs the
+        # static shapes of each batch size.
+        compiled = tf.function(step)
+        concatenate_outputs = step == model.predict_step
+
+        def function(iterator):
+            # Variables Keras creates lazily (optimizer, metrics) join the
+            # mesh before the first trace.
+            self._place_remaining(
+                list(model.optimizer.variables) + list(model.metrics_variables)
+            )
+            outputs = []
+            for _, data in zip(range(model.steps_per_execution), iterator):
+                with self._dtensor.default_mesh(self.mesh):
+                    result = compiled(self._pack_batch(data))
+                outputs.append(tf.nest.map_structure(self.to_numpy, result))
+            if not outputs:
+                raise StopIteration
+            if concatenate_outputs:
+                return tf.nest.map_structure(
+                    lambda *parts: keras.ops.convert_to_numpy(
+                        keras.ops.concatenate(parts, axis=0)
+                    ),
+                    *outputs,
+                )
+            return outputs[-1]
+
+        return function
+
+
+def jax_model_parallel(model_axis="model", batch_axis="batch", devices=None,
+                       expert_shards=None):
+    """A `keras.distribution.ModelParallel` that shards experts (JAX).
+
+    The device mesh is `batch x model`; every MoE weight's expert axis (the
+    first axis of `expert_hidden_kernel`, `expert_hidden_bias`,
+    `expert_output_kernel`, `expert_output_bias`) is sharded over
+    `model_axis`, everything else is replicated, and batches are split over
+    `batch_axis` (data parallel). Use it before building the model:
+
+    ```python
+    keras.distribution.set_distribution(jax_model_parallel())
+    model = build_model(); model.compile(...); model.fit(...)
+    ```
+
+    Args:
+        model_axis, batch_axis: mesh axis names.
+        devices: device list (default: `keras.distribution.list_devices()`).
+        expert_shards: devices on the model axis (default: all of them).
+    """
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            "keras.distribution shards variables on the JAX backend only; on "
+            "TensorFlow use keras_moe.expert_parallel.ExpertParallel."
+        )
+    distribution = keras.distribution
+    devices = devices or distribution.list_devices()
+    expert_shards = expert_shards or len(devices)
+    if len(devices) % expert_shards:
+        raise ValueError(
+            f"{len(devices)} devices do not split into {expert_shards} expert shards."
+        )
+    mesh = distribution.DeviceMesh(
+        shape=(len(devices) // expert_shards, expert_shards),
+        axis_names=(batch_axis, model_axis),
+        devices=devices,
+    )
+    layout_map = distribution.LayoutMap(mesh)
+    layout_map[r".*expert_(hidden|output)_kernel"] = (model_axis, None, None)
+    layout_map[r".*expert_(hidden|output)_bias"] = (model_axis, None)
+    return distribution.ModelParallel(layout_map=layout_map, batch_dim_name=batch_axis)
