@@ -372,6 +372,25 @@ class _GatingBase(keras.layers.Layer):
         """Number of (expert, weight) pairs returned per position."""
         raise NotImplementedError
 
+    # Keras saves a layer's weights but not its seed generators' states, so
+    # a job restored from a checkpoint (BackupAndRestore, load_weights)
+    # would draw the gating noise of its first steps again. The state is
+    # saved with the weights under its own key (older checkpoints without
+    # it still load).
+    _SEED_STATE_KEY = "noise_seed_state"
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store[self._SEED_STATE_KEY] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        if self._SEED_STATE_KEY in keys:
+            self.seed_generator.state.assign(store[self._SEED_STATE_KEY])
+        super().load_own_variables(
+            {key: store[key] for key in keys if key != self._SEED_STATE_KEY}
+        )
+
     def _noise_stddev(self, noise_logits):
         return ops.softplus(noise_logits) + self.noise_epsilon
 
