@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench notebooks clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[lm,test,bench]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[lm,test,bench,notebooks]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,8 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m keras_moe.train --preset quick --compare-baseline --out runs/demo
 
+# The notebooks run in their quick mode (KERAS_MOE_QUICK=1); the committed
+# outputs come from full runs (`make notebooks`).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+	KERAS_MOE_QUICK=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
+
+notebooks: $(STAMP)
+	$(PY) notebooks/run.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

