@@ -42,6 +42,10 @@ EXPERT_WEIGHTS = (
 )
 
 
+# The mesh of the first `distribute` in this process (see `distribute`).
+_PROCESS_MESH = []
+
+
 def _expert_layers(model):
     from keras_moe import layers as moe_layers
 
@@ -248,6 +252,16 @@ class ExpertParallel:
                     "with unroll=True under DTensor: its while loop's TensorList "
                     "ops have no DTensor layout propagation."
                 )
+        if _PROCESS_MESH and _PROCESS_MESH[0] != self.mesh.to_string():
+            # Measured: a second model on another mesh fails to train
+            # ("All inputs to `tf_device.Cluster` must have same mesh
+            # configuration"), while several models on one mesh work.
+            raise ValueError(
+                "This process already placed a model on a different DTensor "
+                f"mesh ({_PROCESS_MESH[0]}); TensorFlow's DTensor trains "
+                "models of one mesh per process. Use the same expert_shards "
+                "and batch_shards, or a new process."
+            )
         experts = _expert_layers(model)
         if not experts:
             raise ValueError("The model has no MixtureOfExperts layers to shard.")
@@ -277,6 +291,7 @@ class ExpertParallel:
         model.make_test_function = lambda force=False: model.test_function
         model.make_predict_function = lambda force=False: model.predict_function
         self._model = model
+        _PROCESS_MESH[:] = [self.mesh.to_string()]
         return model
 
     def unsharded_weights(self, model):

@@ -77,8 +77,9 @@ def _run(script, tmp_path, prelude, env_extra=None, timeout=900):
     return result.stdout
 
 
-def test_dtensor_shards_experts_and_matches_the_unsharded_layer(tmp_path):
-    """E/4 experts per device; outputs and every gradient equal unsharded."""
+@pytest.mark.parametrize("batch_shards", [1, 2])
+def test_dtensor_shards_experts_and_matches_the_unsharded_layer(tmp_path, batch_shards):
+    """E/n experts per device; outputs and every gradient equal unsharded."""
     _run(
         """
         def loss_and_grads(model, x, y):
@@ -89,7 +90,8 @@ def test_dtensor_shards_experts_and_matches_the_unsharded_layer(tmp_path):
             return logits, loss, [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
 
         x, y = data()
-        for kind, batch_shards in [("flat", 1), ("flat", 2), ("hierarchical", 1)]:
+        batch_shards = {batch_shards}
+        for kind in ("flat", "hierarchical"):
             reference = lstm_moe_model(kind)
             sharded = lstm_moe_model(kind)
             sharded.set_weights(reference.get_weights())
@@ -122,7 +124,7 @@ def test_dtensor_shards_experts_and_matches_the_unsharded_layer(tmp_path):
                 np.testing.assert_array_equal(got, want)
             print(kind, batch_shards, "ok")
         print("DONE")
-        """,
+        """.replace("{batch_shards}", str(batch_shards)),
         tmp_path, DTENSOR_PRELUDE,
     )
 
@@ -204,6 +206,10 @@ def test_dtensor_rejects_what_it_cannot_shard(tmp_path):
         ]:
             with pytest.raises(ValueError, match=message):
                 parallel.distribute(model(**kwargs))
+        # one mesh per process
+        parallel.distribute(model())
+        with pytest.raises(ValueError, match="different DTensor mesh"):
+            expert_parallel.ExpertParallel(batch_shards=2).distribute(model())
         with pytest.raises(ValueError, match="needs 8 CPU devices"):
             expert_parallel.ExpertParallel(expert_shards=4, batch_shards=2)
         print("DONE")
