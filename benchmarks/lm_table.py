@@ -78,7 +78,8 @@ def write_table(rows, args, common, argv):
         handle.write(table)
     with open(os.path.join(RESULTS, "lm_table.json"), "w") as handle:
         json.dump(
-            [{k: v for k, v in row.items() if k not in ("config", "routing")}
+            [{k: v for k, v in row.items()
+              if k not in ("config", "routing", "saved_model")}
              for row in rows],
             handle, indent=2,
         )
