@@ -150,7 +150,6 @@ class ExpertParallel:
             devices=[d.name for d in devices[: batch_shards * expert_shards]],
             device_type=device_type,
         )
-        self._model = None
 
     # Layouts -------------------------------------------------------------
 
@@ -290,7 +289,6 @@ class ExpertParallel:
         model.make_train_function = lambda force=False: model.train_function
         model.make_test_function = lambda force=False: model.test_function
         model.make_predict_function = lambda force=False: model.predict_function
-        self._model = model
         _PROCESS_MESH[:] = [self.mesh.to_string()]
         return model
 
@@ -365,12 +363,16 @@ class ExpertParallel:
         compiled = tf.function(step)
         concatenate_outputs = step == model.predict_step
 
+        traced = []
+
         def function(iterator):
             # Variables Keras creates lazily (optimizer, metrics) join the
-            # mesh before the first trace.
-            self._place_remaining(
-                list(model.optimizer.variables) + list(model.metrics_variables)
-            )
+            # mesh before the first trace; later calls reuse that trace.
+            if not traced:
+                self._place_remaining(
+                    list(model.optimizer.variables) + list(model.metrics_variables)
+                )
+                traced.append(True)
             outputs = []
             for _, data in zip(range(model.steps_per_execution), iterator):
                 with self._dtensor.default_mesh(self.mesh):

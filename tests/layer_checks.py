@@ -126,3 +126,27 @@ def check_layer(
             rtol=1e-6,
             atol=1e-6,
         )
+
+
+# Reading a built MoE layer for the NumPy reference (tests/reference.py) ----
+
+
+def expert_arrays(layer):
+    """A MoE layer's stacked expert weights as NumPy arrays, in the order of
+    `reference.moe_output`: hidden kernel, hidden bias, output kernel,
+    output bias."""
+    return [
+        ops.convert_to_numpy(weight)
+        for weight in (layer.expert_hidden_kernel, layer.expert_hidden_bias,
+                       layer.expert_output_kernel, layer.expert_output_bias)
+    ]
+
+
+def dense_reference(layer, x):
+    """The noiseless output of a flat `MixtureOfExperts` on `x [N, d]`,
+    recomputed by the NumPy reference from the layer's weights."""
+    from tests import reference
+
+    gate_kernel = ops.convert_to_numpy(layer.gating.gate_kernel)
+    gates = reference.gates(x @ gate_kernel, layer.gating.k)
+    return reference.moe_output(x, gates, *expert_arrays(layer))

@@ -13,6 +13,7 @@ from keras import ops
 
 import keras_moe
 from keras_moe import dispatch
+from tests import layer_checks
 from tests import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +30,6 @@ def _layer(num_experts=8, k=2, d=6, seed=0, **kwargs):
     for weight in layer.trainable_weights:
         weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
     return layer
-
-
-def _expert_arrays(layer):
-    return [w.numpy() for w in (layer.expert_hidden_kernel, layer.expert_hidden_bias,
-                                layer.expert_output_kernel, layer.expert_output_bias)]
 
 
 def _reference_with_capacity(x, weights, indices, capacity, expert_arrays):
@@ -83,8 +79,7 @@ def test_dropless_and_roomy_capacity_equal_the_dense_reference(num_experts, k):
         layer = _layer(num_experts, k, seed=num_experts, capacity_factor=capacity_factor)
         y = _np(layer(x))
         if expected is None:
-            gates = reference.gates(x @ layer.gating.gate_kernel.numpy(), k)
-            expected = reference.moe_output(x, gates, *_expert_arrays(layer))
+            expected = layer_checks.dense_reference(layer, x)
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -108,7 +103,7 @@ def test_capacity_drops_exactly_the_assignments_beyond_capacity(capacity_factor)
     weights, indices = (_np(t) for t in layer.gating(x))
     capacity = int(np.ceil(capacity_factor * tokens * k / num_experts))
     expected, expected_dropped = _reference_with_capacity(
-        x, weights, indices, capacity, _expert_arrays(layer)
+        x, weights, indices, capacity, layer_checks.expert_arrays(layer)
     )
     np.testing.assert_allclose(_np(layer(x)), expected, rtol=1e-5, atol=1e-5)
     plan = dispatch.plan_dispatch(indices, num_experts, capacity=capacity)
@@ -188,7 +183,7 @@ JAX_SCRIPT = textwrap.dedent(
     import keras
     sys.path.insert(0, {root!r})
     import keras_moe
-    from tests import reference
+    from tests import layer_checks, reference
     assert keras.backend.backend() == "jax"
 
     x = np.random.default_rng(0).normal(size=(30, 6)).astype("float32")
@@ -201,9 +196,7 @@ JAX_SCRIPT = textwrap.dedent(
             rng = np.random.default_rng(1)
             for weight in layer.trainable_weights:
                 weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
-            experts = [np.asarray(w.numpy()) for w in (
-                layer.expert_hidden_kernel, layer.expert_hidden_bias,
-                layer.expert_output_kernel, layer.expert_output_bias)]
+            experts = layer_checks.expert_arrays(layer)
             weights, indices = (np.asarray(t) for t in layer.gating(x))
             gates = np.zeros((30, layer.num_experts))
             np.put_along_axis(gates, indices, weights, axis=1)

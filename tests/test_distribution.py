@@ -15,7 +15,8 @@ import textwrap
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.subprocesses import ROOT
+from tests.subprocesses import run_python
 
 PRELUDE = textwrap.dedent(
     """
@@ -52,16 +53,9 @@ PRELUDE = textwrap.dedent(
 
 
 def _run(script, tmp_path, timeout=900):
-    env = dict(os.environ, KERAS_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("TF_CONFIG", None)
-    result = subprocess.run(
-        [sys.executable, "-c", PRELUDE.format(root=ROOT) + textwrap.dedent(script)],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    return run_python(
+        PRELUDE.format(root=ROOT) + textwrap.dedent(script), tmp_path, timeout=timeout
     )
-    assert result.returncode == 0 and "DONE" in result.stdout, (
-        result.stdout[-2000:] + result.stderr[-4000:]
-    )
-    return result.stdout
 
 
 def test_mirrored_balancing_loss_and_gate_gradients_are_those_of_the_global_batch(tmp_path):

@@ -6,14 +6,12 @@ TensorFlow, `--xla_force_host_platform_device_count=4` for JAX) must be set
 before the backend initialises.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.subprocesses import ROOT
+from tests.subprocesses import run_python
 
 DTENSOR_PRELUDE = """
 import os, sys
@@ -63,18 +61,11 @@ from keras_moe import expert_parallel, models
 """
 
 
-def _run(script, tmp_path, prelude, env_extra=None, timeout=900):
-    env = dict(os.environ, KERAS_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
-    env.update(env_extra or {})
-    result = subprocess.run(
-        [sys.executable, "-c",
-         textwrap.dedent(prelude).format(root=ROOT) + textwrap.dedent(script)],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+def _run(script, tmp_path, prelude, env_extra=None):
+    return run_python(
+        textwrap.dedent(prelude).format(root=ROOT) + textwrap.dedent(script),
+        tmp_path, env_extra=env_extra,
     )
-    assert result.returncode == 0 and "DONE" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-4000:]
-    )
-    return result.stdout
 
 
 @pytest.mark.parametrize("batch_shards", [1, 2])

@@ -24,15 +24,6 @@ def _randomise(layer, seed=0, scale=0.5):
         weight.assign(rng.normal(size=weight.shape).astype("float32") * scale)
 
 
-def _expert_weights(layer):
-    return [
-        layer.expert_hidden_kernel.numpy(),
-        layer.expert_hidden_bias.numpy(),
-        layer.expert_output_kernel.numpy(),
-        layer.expert_output_bias.numpy(),
-    ]
-
-
 @pytest.mark.parametrize("num_experts,k", [(4, 1), (8, 2), (6, 6)])
 def test_output_equals_dense_sum_of_gated_experts(num_experts, k):
     layer = keras_moe.MixtureOfExperts(num_experts, hidden_units=12, k=k, output_units=3)
@@ -41,9 +32,7 @@ def test_output_equals_dense_sum_of_gated_experts(num_experts, k):
     _randomise(layer, seed=num_experts)
     y = _np(layer(x, training=False))
     assert y.shape == (4, 5, 3)
-    flat = x.reshape(-1, 7)
-    gates = reference.gates(flat @ layer.gating.gate_kernel.numpy(), k)
-    expected = reference.moe_output(flat, gates, *_expert_weights(layer))
+    expected = layer_checks.dense_reference(layer, x.reshape(-1, 7))
     np.testing.assert_allclose(y.reshape(-1, 3), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -57,7 +46,7 @@ def test_hierarchical_output_equals_dense_sum():
     dense_gates, _, _ = reference.hierarchical_gating(
         x, g.gate_kernel.numpy(), None, g.group_gate_kernel.numpy(), None, 3, 4, 2
     )
-    expected = reference.moe_output(x, dense_gates, *_expert_weights(layer))
+    expected = reference.moe_output(x, dense_gates, *layer_checks.expert_arrays(layer))
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from keras import ops
 
 import keras_moe
+from tests import layer_checks
 from tests import reference
 
 SETTINGS = settings(
@@ -67,12 +68,8 @@ def test_gates_are_a_distribution_over_k_distinct_experts(case, training):
 def test_dropless_output_is_the_dense_reference_and_positions_do_not_leak(case):
     num_experts, k, x, mask, seed = case
     layer = _layer(num_experts, k, x.shape[-1], seed)
-    arrays = [ops.convert_to_numpy(w) for w in (
-        layer.expert_hidden_kernel, layer.expert_hidden_bias,
-        layer.expert_output_kernel, layer.expert_output_bias)]
     flat = x.reshape(-1, x.shape[-1])
-    gates = reference.gates(flat @ ops.convert_to_numpy(layer.gating.gate_kernel), k)
-    expected = reference.moe_output(flat, gates, *arrays) * mask.reshape(-1, 1)
+    expected = layer_checks.dense_reference(layer, flat) * mask.reshape(-1, 1)
     y = ops.convert_to_numpy(layer(x, mask=mask))
     np.testing.assert_allclose(y.reshape(flat.shape[0], -1), expected, rtol=1e-4, atol=1e-4)
 

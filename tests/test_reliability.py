@@ -1,9 +1,6 @@
 """Reliability: mixed precision, determinism, resumable training, edge cases,
 serving (property tests are in test_properties.py)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -15,10 +12,8 @@ from keras import ops
 import keras_moe
 from keras_moe import callbacks as moe_callbacks
 from keras_moe import dispatch
-from tests import reference
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from tests import layer_checks
+from tests.subprocesses import run_python
 
 def _np(x):
     return ops.convert_to_numpy(x)
@@ -37,17 +32,8 @@ def _copy_data(num=128, length=6, vocab=20, seed=0):
     return tokens.astype("int32"), tokens.astype("int32")
 
 
-def _run_script(script, tmp_path, timeout=900):
-    env = dict(os.environ, KERAS_HOME=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n"
-         + textwrap.dedent(script)],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-    )
-    assert result.returncode == 0 and "DONE" in result.stdout, (
-        result.stdout[-3000:] + result.stderr[-4000:]
-    )
-    return result.stdout
+def _run_script(script, tmp_path):
+    return run_python(textwrap.dedent(script), tmp_path)
 
 
 # Mixed precision ------------------------------------------------------------
@@ -261,13 +247,6 @@ def _layer_with_weights(num_experts, k=2, dim=6, seed=0, **kwargs):
     return layer
 
 
-def _dense_reference(layer, x):
-    arrays = [_np(w) for w in (layer.expert_hidden_kernel, layer.expert_hidden_bias,
-                               layer.expert_output_kernel, layer.expert_output_bias)]
-    gates = reference.gates(x @ _np(layer.gating.gate_kernel), layer.gating.k)
-    return reference.moe_output(x, gates, *arrays)
-
-
 def _loss_and_grads(layer, x, mask=None):
     x = tf.constant(x)
     with tf.GradientTape() as tape:
@@ -305,7 +284,7 @@ def test_edge_shapes_equal_the_dense_reference_with_finite_gradients(
     x = np.random.default_rng(num_experts).normal(size=(num_positions, 6)).astype("float32")
     if capacity_factor is None or capacity_factor * num_positions * k >= num_experts:
         # nothing can be dropped: exactly the dense mixture
-        np.testing.assert_allclose(_np(layer(x)), _dense_reference(layer, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_np(layer(x)), layer_checks.dense_reference(layer, x), rtol=1e-5, atol=1e-5)
     y, loss, losses, grads = _loss_and_grads(layer, x)
     assert len(losses) == 1
     _assert_finite(y, loss, *losses, *grads)
@@ -373,7 +352,7 @@ def test_variable_batch_and_sequence_lengths_trace_once(capacity_factor):
         assert y.shape == (batch, length, 6)
         _assert_finite(y, *grads)
         if capacity_factor is None:
-            expected = _dense_reference(layer, x.reshape(-1, 6)).reshape(batch, length, 6)
+            expected = layer_checks.dense_reference(layer, x.reshape(-1, 6)).reshape(batch, length, 6)
             np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-4)
     assert len(traces) == 1
 
