@@ -44,7 +44,7 @@ def main(argv=None):
         if args.only and name not in args.only.split(","):
             continue
         print(f"=== {name}", flush=True)
-        (row,) = train.main(common + options + ["--out", os.path.join(args.out, name)])
+        (row,) = train.run(common + options + ["--out", os.path.join(args.out, name)])
         row["name"] = name
         rows.append(row)
         write_table(rows, args, common, argv)

@@ -5,13 +5,15 @@ import os
 import keras
 import numpy as np
 
+from keras_moe import compat
+from keras_moe import statistics
+
 
 def moe_layers(model):
     """Every layer of `model` (nested included) that reports routing."""
     return [
-        layer
-        for layer in model._flatten_layers(include_self=False)
-        if hasattr(layer, "routing_statistics")
+        layer for layer in compat.flatten_layers(model)
+        if statistics.is_reporting(layer)
     ]
 
 

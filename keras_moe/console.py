@@ -15,12 +15,19 @@ import os
 import sys
 
 
-def _is_own_program():
-    if os.environ.get("KERAS_MOE_QUIET") == "1":
-        return True
+def is_command_line():
+    """True while one of the package's command-line programs starts.
+
+    Those parse their arguments before importing the backend, so that
+    `--help` and usage errors answer at once.
+    """
     program = sys.argv[0] if sys.argv else ""
     # While `python -m keras_moe.x` imports the package, argv[0] is "-m".
     return program == "-m" or os.path.basename(program).startswith("keras-moe")
+
+
+def _is_own_program():
+    return os.environ.get("KERAS_MOE_QUIET") == "1" or is_command_line()
 
 
 def import_backend():

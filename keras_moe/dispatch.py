@@ -73,7 +73,7 @@ def capacity_for(num_tokens, experts_per_token, num_experts, capacity_factor):
     return ops.maximum(ops.cast(capacity, "int32"), 1)
 
 
-def _sort_assignments(expert_indices, num_experts, mask=None):
+def sort_assignments(expert_indices, num_experts, mask=None):
     """Orders the `N*k` assignments by expert, stably.
 
     Assignments are laid out choice-major (every position's first choice
@@ -124,7 +124,7 @@ def plan_dispatch(expert_indices, num_experts, capacity=None, mask=None):
     num_tokens = ops.shape(expert_indices)[0]
     experts_per_token = expert_indices.shape[1]
     num_assignments = num_tokens * experts_per_token
-    order, sorted_experts, counts = _sort_assignments(
+    order, sorted_experts, counts = sort_assignments(
         expert_indices, num_experts, mask
     )
     tokens_per_expert = counts[:num_experts]
@@ -154,13 +154,16 @@ def plan_dispatch(expert_indices, num_experts, capacity=None, mask=None):
     slot_rank = ops.arange(capacity, dtype="int32")
     filled = ops.minimum(tokens_per_expert, capacity)
     slot_sources = starts[:num_experts, None] + slot_rank[None, :]
-    sorted_positions = order % num_tokens
+    # One entry past the end, so that the clipped gather below is valid
+    # even when there are no assignments at all (no positions).
+    sorted_positions = ops.concatenate(
+        [order % ops.maximum(num_tokens, 1),
+         ops.reshape(ops.cast(num_tokens, "int32"), (1,))],
+        axis=0,
+    )
     slot_positions = ops.where(
         slot_rank[None, :] < filled[:, None],
-        ops.take(
-            sorted_positions,
-            ops.minimum(slot_sources, ops.maximum(num_assignments - 1, 0)),
-        ),
+        ops.take(sorted_positions, ops.minimum(slot_sources, num_assignments)),
         num_tokens,
     )
     num_dropped = ops.sum(tokens_per_expert) - ops.sum(filled)
@@ -180,10 +183,20 @@ def dispatch(inputs, plan):
     Returns:
         tensor `[E, C, d]`; empty slots are zero.
     """
-    # Empty slots hold N: gather a clipped row and zero it. (Not a zero row
-    # appended to `inputs`: the gradient of that concatenate slices
-    # IndexedSlices with data-dependent shapes, which DTensor mis-partitions.)
-    num_tokens = ops.shape(inputs)[0]
+    num_tokens = inputs.shape[0]
+    if num_tokens is None or num_tokens == 0:
+        # The number of positions is not known when traced, and may be 0:
+        # gather from `inputs` with a zero row appended (row N, where the
+        # empty slots point).
+        padded = ops.concatenate(
+            [inputs, ops.zeros((1, inputs.shape[1]), inputs.dtype)], axis=0
+        )
+        return ops.take(padded, plan.slot_positions, axis=0)
+    # A static, non-zero number of positions (always under JAX, XLA and
+    # DTensor): gather a clipped row for empty slots and zero it. Not the
+    # zero row of above: the gradient of that concatenate slices
+    # IndexedSlices with data-dependent shapes, which DTensor
+    # mis-partitions.
     filled = ops.less(plan.slot_positions, num_tokens)[..., None]
     rows = ops.take(
         inputs, ops.minimum(plan.slot_positions, num_tokens - 1), axis=0
@@ -237,58 +250,6 @@ def expert_feedforward(
     hidden = activation(hidden + hidden_bias[:, None, :])
     outputs = ops.matmul(hidden, output_kernel)
     return outputs + output_bias[:, None, :]
-
-
-def ragged_mixture(
-    inputs, expert_weights, expert_indices, hidden_kernel, hidden_bias,
-    output_kernel, output_bias, activation, mask=None,
-):
-    """Dropless mixture with static shapes, for the JAX backend.
-
-    JAX traces with static shapes, so the dropless buffer (whose capacity is
-    the busiest expert's load) cannot be built under `jit`. Instead the
-    `N*k` assignments are sorted by expert and the experts run as grouped
-    matmuls (`jax.lax.ragged_dot`) over the sorted rows. That is a true
-    grouped GEMM on GPU/TPU; XLA:CPU lowers it to a dense loop over the
-    groups, so on CPU prefer a `capacity_factor` with JAX.
-
-    Args:
-        inputs: `[N, d]`; expert_weights: `[N, k]` (zero where masked);
-        expert_indices: int `[N, k]`; kernels and biases as in
-        `expert_feedforward`; mask: optional bool `[N]`.
-
-    Returns:
-        tensor `[N, d_out]`.
-    """
-    import jax
-
-    hidden_kernel = ops.convert_to_tensor(hidden_kernel)
-    output_kernel = ops.convert_to_tensor(output_kernel)
-    num_tokens = inputs.shape[0]
-    num_experts = hidden_kernel.shape[0]
-    order, sorted_experts, counts = _sort_assignments(
-        expert_indices, num_experts, mask
-    )
-    group_sizes = counts[:num_experts]
-    sorted_positions = order % num_tokens
-    bias_rows = ops.minimum(sorted_experts, num_experts - 1)
-    rows = ops.take(inputs, sorted_positions, axis=0)
-    hidden = jax.lax.ragged_dot(rows, hidden_kernel, group_sizes)
-    hidden = activation(hidden + ops.take(hidden_bias, bias_rows, axis=0))
-    outputs = jax.lax.ragged_dot(hidden, output_kernel, group_sizes)
-    outputs = outputs + ops.take(output_bias, bias_rows, axis=0)
-    weights = ops.take(
-        ops.reshape(ops.transpose(expert_weights), (-1,)), order
-    )
-    weights = ops.where(sorted_experts < num_experts, weights, 0.0)
-    contributions = ops.where(
-        (sorted_experts < num_experts)[:, None],
-        outputs * ops.cast(weights, outputs.dtype)[:, None],
-        0.0,
-    )
-    return ops.segment_sum(
-        contributions, sorted_positions, num_segments=num_tokens
-    )
 
 
 def dense_mixture(

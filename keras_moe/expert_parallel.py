@@ -29,30 +29,18 @@ and combined. Gradients flow back the same way.
 
 import keras
 
+from keras_moe import compat
+from keras_moe import layers as moe_layers
+
 BATCH_AXIS = "batch"
 EXPERT_AXIS = "expert"
 
-# Names of the stacked per-expert weights of the MoE layers: their first
-# axis is the expert axis.
-EXPERT_WEIGHTS = (
-    "expert_hidden_kernel",
-    "expert_hidden_bias",
-    "expert_output_kernel",
-    "expert_output_bias",
-)
-
-
-# The mesh of the first `distribute` in this process (see `distribute`).
-_PROCESS_MESH = []
-
 
 def _expert_layers(model):
-    from keras_moe import layers as moe_layers
-
     return [
         layer
-        for layer in model._flatten_layers(include_self=False)
-        if isinstance(layer, moe_layers._ExpertLayerBase)
+        for layer in compat.flatten_layers(model)
+        if isinstance(layer, moe_layers.MixtureOfExpertsBase)
     ]
 
 
@@ -63,25 +51,6 @@ def _check_expert_count(layer, shards):
             f"num_experts={layer.num_experts}, which does not divide over "
             f"{shards} expert shards; use a multiple of {shards}."
         )
-
-
-def to_expert_layout(layer, buffer):
-    """Relays out a dispatched `[E, C, d]` buffer to the expert shards.
-
-    A no-op unless `layer` was placed by `ExpertParallel`.
-    """
-    placement = getattr(layer, "_expert_placement", None)
-    if placement is None:
-        return buffer
-    return placement.relayout(buffer, placement.expert_layout(len(buffer.shape)))
-
-
-def to_token_layout(layer, outputs):
-    """Relays the experts' `[E, C, d_out]` outputs back for `combine`."""
-    placement = getattr(layer, "_expert_placement", None)
-    if placement is None:
-        return outputs
-    return placement.relayout(outputs, placement.replicated(len(outputs.shape)))
 
 
 class ExpertParallel:
@@ -220,8 +189,11 @@ class ExpertParallel:
         if self._dtensor.is_dtensor(variable.value):
             return
         packed = self.pack(variable.value, layout)
-        variable._value = self._dtensor.DVariable(
-            packed, trainable=variable.trainable, name=variable.name
+        compat.replace_variable_storage(
+            variable,
+            self._dtensor.DVariable(
+                packed, trainable=variable.trainable, name=variable.name
+            ),
         )
 
     def _place_remaining(self, variables):
@@ -244,20 +216,18 @@ class ExpertParallel:
             )
         if model.optimizer is None:
             raise ValueError("Compile the model before ExpertParallel.distribute.")
-        for layer in model._flatten_layers(include_self=False):
+        for layer in compat.flatten_layers(model):
             if isinstance(layer, keras.layers.RNN) and not layer.unroll:
                 raise ValueError(
                     f"{layer.__class__.__name__} '{layer.name}' must be built "
                     "with unroll=True under DTensor: its while loop's TensorList "
                     "ops have no DTensor layout propagation."
                 )
-        if _PROCESS_MESH and _PROCESS_MESH[0] != self.mesh.to_string():
-            # Measured: a second model on another mesh fails to train
-            # ("All inputs to `tf_device.Cluster` must have same mesh
-            # configuration"), while several models on one mesh work.
+        claimed = compat.claimed_process_mesh()
+        if claimed is not None and claimed != self.mesh.to_string():
             raise ValueError(
                 "This process already placed a model on a different DTensor "
-                f"mesh ({_PROCESS_MESH[0]}); TensorFlow's DTensor trains "
+                f"mesh ({claimed}); TensorFlow's DTensor trains "
                 "models of one mesh per process. Use the same expert_shards "
                 "and batch_shards, or a new process."
             )
@@ -273,24 +243,32 @@ class ExpertParallel:
                     "routing; DTensor needs static shapes. Give it a "
                     "capacity_factor (e.g. 2.0) to shard its experts."
                 )
-            for name in EXPERT_WEIGHTS:
-                variable = getattr(layer, name)
+            for variable in layer.expert_variables.values():
                 self._place(variable, self.expert_layout(len(variable.shape)))
-            layer._expert_placement = self
+            layer.set_expert_relayout(self._to_expert_layout,
+                                      self._to_token_layout)
         self._place_remaining(model.variables)
         self._watch_optimizer(model.optimizer)
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.train_function = self._function(model, model.train_step)
-        model.test_function = self._function(model, model.test_step)
-        model.predict_function = self._function(model, model.predict_step)
-        # Keras' TensorFlow trainer would rebuild these functions when
-        # asked to; ours stay in place.
-        model.make_train_function = lambda force=False: model.train_function
-        model.make_test_function = lambda force=False: model.test_function
-        model.make_predict_function = lambda force=False: model.predict_function
-        _PROCESS_MESH[:] = [self.mesh.to_string()]
+        compat.pin_step_functions(
+            model,
+            self._function(model, model.train_step),
+            self._function(model, model.test_step),
+            self._function(model, model.predict_step),
+        )
+        compat.claim_process_mesh(self.mesh.to_string())
         return model
+
+    def _to_expert_layout(self, buffer):
+        """The dispatched `[E, C, d]` buffer, relaid out to the expert
+        shards (the all-to-all when the mesh has a batch axis)."""
+        return self.relayout(buffer, self.expert_layout(len(buffer.shape)))
+
+    def _to_token_layout(self, outputs):
+        """The experts' `[E, C, d_out]` outputs, replicated for `combine`
+        (an all-gather)."""
+        return self.relayout(outputs, self.replicated(len(outputs.shape)))
 
     def unsharded_weights(self, model):
         """`model.get_weights()` gathered to the host (NumPy arrays).
@@ -302,41 +280,40 @@ class ExpertParallel:
         return [self.to_numpy(variable) for variable in model.weights]
 
     def _watch_optimizer(self, optimizer):
-        """Optimizer slots take the layout of the variable they belong to."""
-        create = optimizer.add_variable_from_reference
+        """Optimizer slots take the layout of their variable; gradients are
+        applied replicated and dense.
 
-        def add_variable_from_reference(reference_variable, *args, **kwargs):
-            slot = create(reference_variable, *args, **kwargs)
-            self._place(slot, self.layout_of(reference_variable))
-            return slot
-
-        optimizer.add_variable_from_reference = add_variable_from_reference
-
-        # Two DTensor gaps (TF 2.21), worked around here:
-        # - sparse updates (ResourceScatterSub, from an Embedding's
-        #   IndexedSlices gradient) have no layout propagation: gradients
-        #   are applied densely;
-        # - an optimizer update whose gradient is sharded like its variable
-        #   and slots reads stale slots (Adam moved sharded weights by 0 or
-        #   by m / epsilon; plain DVariable ops and replicated gradients are
-        #   right): gradients are relaid out to replicated before the
-        #   update. Each device then briefly holds a full expert gradient;
-        #   the weights and slots stay sharded.
-        apply = optimizer.apply
+        Two DTensor gaps (TF 2.21), worked around here:
+        - sparse updates (ResourceScatterSub, from an Embedding's
+          IndexedSlices gradient) have no layout propagation: gradients
+          are applied densely;
+        - an optimizer update whose gradient is sharded like its variable
+          and slots reads stale slots (Adam moved sharded weights by 0 or
+          by m / epsilon; plain DVariable ops and replicated gradients are
+          right): gradients are relaid out to replicated before the
+          update. Each device then briefly holds a full expert gradient;
+          the weights and slots stay sharded.
+        """
         tf = self._tf
-        dtensor = self._dtensor
 
-        def apply_on_mesh(grads, trainable_variables=None):
+        def place_slot(slot, reference_variable):
+            self._place(slot, self.layout_of(reference_variable))
+
+        def replicated_dense(grads):
             replicated = []
             for grad in grads:
                 if isinstance(grad, tf.IndexedSlices):
                     grad = tf.convert_to_tensor(grad)
                 if grad is not None:
-                    grad = dtensor.relayout(grad, self.replicated(grad.shape.rank))
+                    grad = self.relayout(grad, self.replicated(grad.shape.rank))
                 replicated.append(grad)
-            return apply(replicated, trainable_variables)
+            return replicated
 
-        optimizer.apply = apply_on_mesh
+        compat.wrap_optimizer(
+            optimizer,
+            on_slot_created=place_slot,
+            transform_gradients=replicated_dense,
+        )
 
     # Steps ---------------------------------------------------------------
 
@@ -430,6 +407,6 @@ def jax_model_parallel(model_axis="model", batch_axis="batch", devices=None,
         devices=devices,
     )
     layout_map = distribution.LayoutMap(mesh)
-    layout_map[r".*expert_(hidden|output)_kernel"] = (model_axis, None, None)
-    layout_map[r".*expert_(hidden|output)_bias"] = (model_axis, None)
+    for name, rank in moe_layers.EXPERT_WEIGHT_RANKS.items():
+        layout_map[f".*{name}"] = (model_axis,) + (None,) * (rank - 1)
     return distribution.ModelParallel(layout_map=layout_map, batch_dim_name=batch_axis)

@@ -5,17 +5,21 @@ them directly and they run on every Keras backend. The gating layers compose
 them, own the gate weights and add the balancing losses.
 
 Shapes use `n` for the number of experts, `k` for how many of them each
-position takes, and `...` for any leading (position) axes.
+position takes, `N` for positions and `...` for any leading (position)
+axes. The functions take the noise as an argument (standard-normal
+samples), so a test can give them the draws it checks against.
 """
 
 import collections
 import math
-import threading
 
 import keras
 from keras import ops
 
-from keras_moe import distribution
+from keras_moe import compat
+from keras_moe import replicas
+from keras_moe import statistics
+from keras_moe import validation
 
 # Added to Mean(x)^2 in cv_squared, as in the authors' code.
 CV_EPSILON = 1e-10
@@ -109,7 +113,7 @@ def prob_in_top_k(clean_logits, noisy_logits, noise_stddev, k,
 TIE_BREAK = 1e-30
 
 
-def _tie_break(logits):
+def tie_break_offsets(logits, rotation=None):
     """Offsets `[..., n]` that rotate the preferred expert from row to row.
 
     `KeepTopK` is not defined for tied logits, and zero-initialised gate
@@ -117,17 +121,28 @@ def _tie_break(logits):
     position to experts 0..k-1 (and a dropless buffer would grow to
     `E * N` rows); row `r` instead prefers experts `r, r+1, ...` (mod n),
     which spreads tied positions evenly.
+
+    Args:
+        logits: float tensor `[..., n]`.
+        rotation: optional int tensor with one entry per row of
+            `logits` (flattened to `[-1, n]`): the expert that row prefers
+            first. Defaults to the row number.
+
+    Returns:
+        float32 tensor `[..., n]`, at most `TIE_BREAK * (n - 1)`.
     """
     num_experts = logits.shape[-1]
     flat_rows = ops.reshape(logits, (-1, num_experts))
-    rows = ops.arange(ops.shape(flat_rows)[0], dtype="int32")[:, None]
+    if rotation is None:
+        rotation = ops.arange(ops.shape(flat_rows)[0], dtype="int32")
+    rows = ops.reshape(ops.cast(rotation, "int32"), (-1, 1))
     experts = ops.arange(num_experts, dtype="int32")[None, :]
     rank = ops.mod(experts - rows, num_experts)
     offsets = ops.cast(num_experts - 1 - rank, "float32") * TIE_BREAK
     return ops.reshape(offsets, ops.shape(logits))
 
 
-def top_k_gates(logits, k, extra=0, break_ties=True):
+def top_k_gates(logits, k, extra=0, break_ties=True, tie_rotation=None):
     """`Softmax(KeepTopK(logits, k))`, kept sparse.
 
     Args:
@@ -136,8 +151,9 @@ def top_k_gates(logits, k, extra=0, break_ties=True):
         extra: int. Also return the `k + extra` largest logits (at most
             n), so that `prob_in_top_k` need not sort again.
         break_ties: bool. Spread exactly tied logits round-robin over the
-            rows (`_tie_break`). Needless for noisy logits, which do not
-            tie; it costs a few passes over `[..., n]`.
+            rows (`tie_break_offsets`). Needless for noisy logits, which do
+            not tie; it costs a few passes over `[..., n]`.
+        tie_rotation: optional per-row rotation for `tie_break_offsets`.
 
     Returns:
         `(expert_weights, expert_indices)`: float32 `[..., k]` summing to 1
@@ -147,7 +163,10 @@ def top_k_gates(logits, k, extra=0, break_ties=True):
     logits = ops.cast(logits, "float32")
     num_experts = logits.shape[-1]
     width = min(k + extra, num_experts)
-    selection = logits + _tie_break(logits) if break_ties else logits
+    selection = (
+        logits + tie_break_offsets(logits, tie_rotation)
+        if break_ties else logits
+    )
     _, top_indices = ops.top_k(selection, k=width)
     top_values = ops.take_along_axis(logits, top_indices, axis=-1)
     top_logits, expert_indices = top_values[..., :k], top_indices[..., :k]
@@ -160,6 +179,11 @@ def top_k_gates(logits, k, extra=0, break_ties=True):
     if extra:
         return expert_weights, expert_indices, top_values
     return expert_weights, expert_indices
+
+
+def noise_stddev(noise_logits, noise_epsilon):
+    """`softplus(x . W_noise) + noise_epsilon` (Section 2.1)."""
+    return ops.softplus(noise_logits) + noise_epsilon
 
 
 def expert_totals(values, expert_indices, num_experts):
@@ -218,103 +242,208 @@ def balancing_loss(importance, load, importance_weight, load_weight):
     return ops.cast(loss, "float32")
 
 
-def _position_mask(mask, like):
-    """Float32 `[..., 1]` mask (ones when `mask` is None) for `like[..., k]`."""
+def position_mask(mask, leading_shape):
+    """Float32 `[..., 1]`: 1 for unmasked positions (all when `mask` is None).
+
+    Args:
+        mask: optional bool tensor `[...]`.
+        leading_shape: the positions' shape `[...]`.
+    """
     if mask is None:
-        return ops.ones(ops.shape(like)[:-1] + (1,), "float32")
+        return ops.ones(tuple(leading_shape) + (1,), "float32")
     return ops.cast(mask, "float32")[..., None]
 
 
-def _validate_gating_args(num_experts, k, noise_epsilon):
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(
-            f"`num_experts` must be an integer >= 1. Received: "
-            f"num_experts={num_experts}"
-        )
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"`k` must be an integer >= 1. Received: k={k}")
-    if k > num_experts:
-        raise ValueError(
-            f"`k` must be <= `num_experts`: a position cannot take more "
-            f"experts than there are. Received: k={k}, "
-            f"num_experts={num_experts}"
-        )
-    if noise_epsilon < 0:
-        raise ValueError(
-            f"`noise_epsilon` must be >= 0. Received: "
-            f"noise_epsilon={noise_epsilon}"
-        )
+def noisy_top_k_gating(clean_logits, k, stddev=None, noise=None,
+                       positions=None):
+    """The flat gate on one batch: gates, Importance and Load.
 
+    Section 2.1 and Appendix A. With `stddev` and `noise`,
+    `H = clean + noise * stddev` and Load is the smooth estimator
+    `sum_x P(x, i)`; without them `H = clean` (exact ties broken
+    round-robin) and Load is the number of positions per expert.
 
-def _validate_hierarchical_args(num_groups, experts_per_group, k,
-                                noise_epsilon):
-    if not isinstance(num_groups, int) or num_groups < 1:
-        raise ValueError(
-            f"`num_groups` must be an integer >= 1. Received: "
-            f"num_groups={num_groups}"
-        )
-    if not isinstance(experts_per_group, int) or experts_per_group < 1:
-        raise ValueError(
-            f"`experts_per_group` must be an integer >= 1. Received: "
-            f"experts_per_group={experts_per_group}"
-        )
-    _validate_gating_args(num_groups, k, noise_epsilon)
-    if k > experts_per_group:
-        raise ValueError(
-            f"`k` must be <= `experts_per_group` (k experts are chosen "
-            f"within each group). Received: k={k}, "
-            f"experts_per_group={experts_per_group}"
-        )
+    Args:
+        clean_logits: float32 `[N, n]`, `x . W_g`.
+        k: int.
+        stddev: optional float32 `[N, n]`, the noise standard deviation.
+        noise: optional float32 `[N, n]` standard-normal samples.
+        positions: float32 `[N, 1]`, 1 for unmasked positions
+            (`position_mask`).
 
-
-def check_feature_input(layer, input_shape, input_dtype=None):
-    """Raises a ValueError naming what is wrong with a layer's input.
-
-    Shared by the gating and MoE layers: features on the last axis, at
-    least one position axis, floating point.
+    Returns:
+        `(expert_weights [N, k], expert_indices [N, k], importance [n],
+        load [n], tokens_per_expert [n])`, the last three summed over this
+        batch's unmasked positions.
     """
-    input_shape = tuple(input_shape)
-    if len(input_shape) < 2:
-        raise ValueError(
-            f"{layer.__class__.__name__} expects inputs of rank >= 2 "
-            f"(positions..., features); received input shape {input_shape}"
+    num_experts = clean_logits.shape[-1]
+    if positions is None:
+        positions = position_mask(None, ops.shape(clean_logits)[:-1])
+    add_noise = stddev is not None
+    if add_noise:
+        logits = clean_logits + stddev * noise
+        expert_weights, expert_indices, top_values = top_k_gates(
+            logits, k, extra=1, break_ties=False
         )
-    if input_shape[-1] is None:
-        raise ValueError(
-            f"{layer.__class__.__name__} needs the last (feature) dimension "
-            f"of its inputs to be known; received input shape {input_shape}"
-        )
-    if input_dtype is not None and not keras.backend.is_float_dtype(
-        input_dtype
-    ):
-        raise ValueError(
-            f"{layer.__class__.__name__} expects floating-point inputs "
-            f"(embed integer ids first); received dtype {input_dtype}"
-        )
-
-
-def add_accumulator(layer, name, shape):
-    """A zero-initialised, non-trainable float32 sum of global statistics.
-
-    Every replica adds the same (all-reduced) values, so the first
-    replica's update is the one kept.
-    """
-    return layer.add_weight(
-        name=name,
-        shape=shape,
-        initializer="zeros",
-        dtype="float32",
-        trainable=False,
-        aggregation="only_first_replica",
+    else:
+        expert_weights, expert_indices = top_k_gates(clean_logits, k)
+    expert_weights = expert_weights * positions
+    importance = expert_totals(expert_weights, expert_indices, num_experts)
+    tokens_per_expert = assignments_per_expert(
+        positions, expert_indices, num_experts
     )
+    if add_noise:
+        probabilities = prob_in_top_k(
+            clean_logits, logits, stddev, k, top_values=top_values
+        )
+        load = ops.sum(probabilities * positions, axis=0)
+    else:
+        load = tokens_per_expert
+    return (expert_weights, expert_indices, importance, load,
+            tokens_per_expert)
 
 
-class _GatingBase(keras.layers.Layer):
-    """What the flat and hierarchical gates share: config, the loss, specs.
+def hierarchical_top_k_gating(clean_primary, clean_groups, k,
+                              stddev_primary=None, stddev_groups=None,
+                              noise_primary=None, noise_inner=None,
+                              positions=None):
+    """The two-level gate on one batch (Appendix B), before global sums.
+
+    Level 1 picks `k` of the `a` groups from `H_primary`; level 2 picks
+    `k` of the `b` experts of each chosen group from that group's logits.
+    Expert `j` of group `i` has the flat id `i * b + j` and the gate value
+    `G_primary(x)_i * G_i(x)_j`. Without noise, exact ties are broken
+    round-robin at both levels, rotating the inner level by `position //
+    a` so that the positions sent to one group spread over its experts.
+
+    Args:
+        clean_primary: float32 `[N, a]`; clean_groups: float32 `[N, a, b]`.
+        k: int.
+        stddev_primary, stddev_groups: optional noise standard deviations,
+            shaped like the logits.
+        noise_primary: optional `[N, a]`; noise_inner: optional `[N, k, b]`
+            standard-normal samples (for the chosen groups' logits).
+        positions: float32 `[N, 1]` (`position_mask`).
+
+    Returns:
+        `(expert_weights [N, k*k], expert_indices [N, k*k],
+        importance [a*b], primary_load [a], group_load [a, b],
+        positions_per_group [a], tokens_per_expert [a*b])`: the inputs of
+        `hierarchical_load`, which must be summed over the global batch
+        first.
+    """
+    num_groups, group_size = clean_groups.shape[-2], clean_groups.shape[-1]
+    num_experts = num_groups * group_size
+    if positions is None:
+        positions = position_mask(None, ops.shape(clean_primary)[:-1])
+    add_noise = stddev_primary is not None
+    noisy_primary = (
+        clean_primary + stddev_primary * noise_primary
+        if add_noise else clean_primary
+    )
+    group_weights, group_indices = top_k_gates(
+        noisy_primary, k, break_ties=not add_noise
+    )
+    group_weights = group_weights * positions
+
+    # Level 2: the chosen groups' logits, [N, k, b].
+    def chosen(per_group):
+        return ops.take_along_axis(per_group, group_indices[..., None], axis=1)
+
+    clean_chosen = chosen(clean_groups)
+    if add_noise:
+        stddev_chosen = chosen(stddev_groups)
+        noisy_chosen = clean_chosen + stddev_chosen * noise_inner
+        inner_weights, inner_indices = top_k_gates(
+            noisy_chosen, k, break_ties=False
+        )
+    else:
+        noisy_chosen = clean_chosen
+        position_ids = ops.arange(ops.shape(clean_primary)[0], dtype="int32")
+        rotation = (
+            (position_ids // num_groups)[:, None] * k
+            + ops.arange(k, dtype="int32")[None, :]
+        )
+        inner_weights, inner_indices = top_k_gates(
+            noisy_chosen, k, tie_rotation=rotation
+        )
+    expert_weights = ops.reshape(
+        group_weights[..., None] * inner_weights, (-1, k * k)
+    )
+    expert_indices = ops.reshape(
+        group_indices[..., None] * group_size + inner_indices, (-1, k * k)
+    )
+    importance = expert_totals(expert_weights, expert_indices, num_experts)
+    pair_mask = ops.broadcast_to(positions, ops.shape(group_indices))
+    positions_per_group = expert_totals(pair_mask, group_indices, num_groups)
+    tokens_per_expert = assignments_per_expert(
+        positions, expert_indices, num_experts
+    )
+    if add_noise:
+        primary_probabilities = prob_in_top_k(
+            clean_primary, noisy_primary, stddev_primary, k
+        )
+        primary_load = ops.sum(primary_probabilities * positions, axis=0)
+        inner_probabilities = prob_in_top_k(
+            clean_chosen, noisy_chosen, stddev_chosen, k
+        ) * pair_mask[..., None]
+        group_load = ops.segment_sum(
+            ops.reshape(inner_probabilities, (-1, group_size)),
+            ops.reshape(group_indices, (-1,)),
+            num_segments=num_groups,
+        )
+    else:
+        primary_load = positions_per_group
+        group_load = ops.reshape(tokens_per_expert, (num_groups, group_size))
+    return (expert_weights, expert_indices, importance, primary_load,
+            group_load, positions_per_group, tokens_per_expert)
+
+
+def hierarchical_load(primary_load, group_load, positions_per_group):
+    """`Load_H(X)_ij = Load_primary(X)_i * Load_i(X^(i))_j / |X^(i)|`.
+
+    Appendix B, with `X^(i)` the positions routed to group `i` (a group
+    that received none contributes 0).
+
+    Args:
+        primary_load: float32 `[a]`; group_load: float32 `[a, b]`;
+        positions_per_group: float32 `[a]`, `|X^(i)|`.
+
+    Returns:
+        float32 `[a * b]`, flat expert ids.
+    """
+    load = (
+        primary_load[:, None]
+        * group_load
+        / ops.maximum(positions_per_group, 1.0)[:, None]
+    )
+    return ops.reshape(load, (-1,))
+
+
+def gate_arguments_doc(noisy_name="noisy", indent=8):
+    """The shared gate arguments' `Args:` entries (one text for every layer
+    that takes them)."""
+    text = f"""\
+{noisy_name}: bool. Add tunable Gaussian noise to the gate logits while
+    training. Defaults to True.
+noise_epsilon: float > 0. Added to the noise standard deviation.
+    Defaults to 1e-2.
+importance_weight: float >= 0. `w_importance` of the balancing loss.
+    Defaults to 0.1.
+load_weight: float >= 0. `w_load` of the balancing loss. Defaults to 0.1.
+seed: int >= 0 or None. Seed of the gating noise. Defaults to None."""
+    pad = " " * indent
+    return "\n".join(pad + line for line in text.splitlines())
+
+
+class _GatingBase(compat.PerThreadLosses, keras.layers.Layer):
+    """What the flat and hierarchical gates share: arguments, loss, state.
 
     Gates compute in float32 whatever the dtype policy (routing decisions
     and the balancing losses are fragile in float16), so they never
-    autocast their variables.
+    autocast their variables. Each replica of a mirrored strategy keeps
+    its own losses (`compat.PerThreadLosses`): the cross-replica sum in
+    `route` hands control to the other replicas mid-call.
     """
 
     def __init__(
@@ -330,37 +459,18 @@ class _GatingBase(keras.layers.Layer):
     ):
         kwargs["autocast"] = False
         super().__init__(**kwargs)
-        self.k = k
-        self.noisy = bool(noisy)
-        self.noise_epsilon = float(noise_epsilon)
-        self.importance_weight = float(importance_weight)
-        self.load_weight = float(load_weight)
-        self.seed = seed
+        self.k = validation.integer("k", k)
+        self.noisy = validation.boolean("noisy", noisy)
+        (
+            self.noise_epsilon,
+            self.importance_weight,
+            self.load_weight,
+        ) = validation.gate_weights(noise_epsilon, importance_weight,
+                                    load_weight)
+        self.seed = validation.seed(seed)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.supports_masking = True
-
-    # Under a tf.distribute mirrored strategy every replica runs the model
-    # in a thread of its own, and the cross-replica sum in `route` hands
-    # control to the other replicas in the middle of the forward pass. Keras
-    # keeps a layer's losses in one list, cleared when a call starts: the
-    # replicas would then see each other's losses. One list per thread gives
-    # every replica its own.
-    def _per_thread(self):
-        if "_losses_per_thread" not in self.__dict__:
-            object.__setattr__(self, "_losses_per_thread", threading.local())
-        return self.__dict__["_losses_per_thread"]
-
-    @property
-    def _losses(self):
-        per_thread = self._per_thread()
-        if not hasattr(per_thread, "losses"):
-            per_thread.losses = []
-        return per_thread.losses
-
-    @_losses.setter
-    def _losses(self, value):
-        self._per_thread().losses = list(value)
 
     @property
     def num_routed_experts(self):
@@ -391,11 +501,16 @@ class _GatingBase(keras.layers.Layer):
             {key: store[key] for key in keys if key != self._SEED_STATE_KEY}
         )
 
-    def _noise_stddev(self, noise_logits):
-        return ops.softplus(noise_logits) + self.noise_epsilon
-
     def _standard_normal(self, shape):
         return keras.random.normal(shape, seed=self.seed_generator)
+
+    def _add_kernel(self, name, input_dim, width):
+        return self.add_weight(
+            name=name,
+            shape=(input_dim, width),
+            initializer=self.kernel_initializer,
+            dtype="float32",
+        )
 
     def _build_statistics(self):
         """Accumulators read by `keras_moe.callbacks.RoutingStatistics`.
@@ -410,7 +525,7 @@ class _GatingBase(keras.layers.Layer):
             ("load_total", (experts,)),
             ("positions_total", ()),
         ):
-            setattr(self, name, add_accumulator(self, name, shape))
+            setattr(self, name, statistics.add_accumulator(self, name, shape))
 
     def _record_statistics(self, routing):
         self.tokens_per_expert_total.assign_add(routing.tokens_per_expert)
@@ -419,11 +534,35 @@ class _GatingBase(keras.layers.Layer):
         self.positions_total.assign_add(routing.num_positions)
 
     def reset_statistics(self):
-        for variable in self.non_trainable_weights:
-            variable.assign(ops.zeros_like(variable))
+        """Zeroes the routing-statistics accumulators."""
+        statistics.reset(self.non_trainable_weights)
+
+    def _gate_inputs(self, inputs, mask):
+        """Checked float32 features `[N, d]`, the `[N, 1]` position mask and
+        the leading shape of `inputs`."""
+        validation.feature_input(self, inputs.shape, inputs.dtype)
+        validation.mask(self, mask, inputs)
+        leading_shape = ops.shape(inputs)[:-1]
+        features = ops.reshape(
+            ops.cast(inputs, "float32"), (-1, inputs.shape[-1])
+        )
+        flat_mask = None if mask is None else ops.reshape(mask, (-1,))
+        positions = position_mask(
+            None if flat_mask is None else ops.cast(flat_mask, "bool"),
+            ops.shape(features)[:1],
+        )
+        return features, positions, leading_shape
 
     def call(self, inputs, training=None, mask=None):
-        distribution.check_jit_compile(self)
+        if replicas.num_replicas_in_sync() > 1 and compat.in_xla_context():
+            raise ValueError(
+                f"{self.__class__.__name__} '{self.name}' is being compiled "
+                "with XLA (jit_compile=True) under a tf.distribute mirrored "
+                "strategy; TensorFlow 2.21 cannot run XLA-compiled steps "
+                "under mirrored strategies (even Embedding -> Dense fails). "
+                "Compile the model with jit_compile=False or "
+                "jit_compile='auto' (which turns XLA off under strategies)."
+            )
         routing = self.route(inputs, training=training, mask=mask)
         if training:
             self._record_statistics(routing)
@@ -437,19 +576,12 @@ class _GatingBase(keras.layers.Layer):
             self.add_loss(loss)
         return routing.expert_weights, routing.expert_indices
 
-    def _flat_inputs(self, inputs, mask):
-        check_feature_input(self, inputs.shape, inputs.dtype)
-        features = ops.cast(inputs, "float32")
-        if mask is not None:
-            mask = ops.cast(mask, "bool")
-        return features, mask
-
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape)[:-1] + (self.experts_per_position,)
         return shape, shape
 
     def compute_output_spec(self, inputs, training=None, mask=None):
-        check_feature_input(self, inputs.shape, inputs.dtype)
+        validation.feature_input(self, inputs.shape, inputs.dtype)
         shape = tuple(inputs.shape)[:-1] + (self.experts_per_position,)
         return (
             keras.KerasTensor(shape, dtype="float32"),
@@ -476,7 +608,7 @@ class _GatingBase(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_moe")
 class NoisyTopKGating(_GatingBase):
-    """Noisy top-k gating network (Shazeer et al. 2017, Section 2.1).
+    __doc__ = """Noisy top-k gating network (Shazeer et al. 2017, Section 2.1).
 
     For each position `x` (a row of the last axis):
 
@@ -498,16 +630,10 @@ class NoisyTopKGating(_GatingBase):
     Computation is float32 whatever the dtype policy.
 
     Args:
-        num_experts: int. Number of experts `n` to choose from.
+        num_experts: int >= 1. Number of experts `n` to choose from.
         k: int. Experts chosen per position, `1 <= k <= num_experts`.
             Defaults to 2.
-        noisy: bool. Add tunable Gaussian noise while training. Defaults to
-            True.
-        noise_epsilon: float. Added to the noise standard deviation.
-            Defaults to 1e-2.
-        importance_weight: float. `w_importance`. Defaults to 0.1.
-        load_weight: float. `w_load`. Defaults to 0.1.
-        seed: int or None. Seed of the gating noise. Defaults to None.
+""" + gate_arguments_doc() + """
         kernel_initializer: initializer of both kernels. Defaults to
             `"zeros"` (the paper's choice).
         **kwargs: base `keras.layers.Layer` arguments.
@@ -530,21 +656,9 @@ class NoisyTopKGating(_GatingBase):
     ((4, 2), (4, 2))
     """
 
-    def __init__(self, num_experts, k=2, noisy=True, noise_epsilon=1e-2,
-                 importance_weight=0.1, load_weight=0.1, seed=None,
-                 kernel_initializer="zeros", **kwargs):
-        _validate_gating_args(num_experts, k, noise_epsilon)
-        super().__init__(
-            k=k,
-            noisy=noisy,
-            noise_epsilon=noise_epsilon,
-            importance_weight=importance_weight,
-            load_weight=load_weight,
-            seed=seed,
-            kernel_initializer=kernel_initializer,
-            **kwargs,
-        )
-        self.num_experts = num_experts
+    def __init__(self, num_experts, k=2, **kwargs):
+        super().__init__(k=k, **kwargs)
+        self.num_experts, self.k = validation.experts_and_k(num_experts, k)
 
     @property
     def num_routed_experts(self):
@@ -555,20 +669,14 @@ class NoisyTopKGating(_GatingBase):
         return self.k
 
     def build(self, input_shape):
-        check_feature_input(self, input_shape)
+        validation.feature_input(self, input_shape)
         input_dim = input_shape[-1]
-        self.gate_kernel = self.add_weight(
-            name="gate_kernel",
-            shape=(input_dim, self.num_experts),
-            initializer=self.kernel_initializer,
-            dtype="float32",
+        self.gate_kernel = self._add_kernel(
+            "gate_kernel", input_dim, self.num_experts
         )
         if self.noisy:
-            self.noise_kernel = self.add_weight(
-                name="noise_kernel",
-                shape=(input_dim, self.num_experts),
-                initializer=self.kernel_initializer,
-                dtype="float32",
+            self.noise_kernel = self._add_kernel(
+                "noise_kernel", input_dim, self.num_experts
             )
         self._build_statistics()
         self.input_spec = keras.layers.InputSpec(
@@ -585,53 +693,39 @@ class NoisyTopKGating(_GatingBase):
 
         Returns:
             `Routing` with `[..., k]` weights/indices and `[n]` importance
-            and load.
+            and load over the global batch.
         """
-        features, mask = self._flat_inputs(inputs, mask)
-        add_noise = bool(training) and self.noisy
-        if add_noise:
+        features, positions, leading_shape = self._gate_inputs(inputs, mask)
+        if bool(training) and self.noisy:
             # One matmul for both kernels: the gate costs grow with n.
-            both = ops.matmul(
-                features,
-                ops.concatenate([self.gate_kernel, self.noise_kernel], -1),
-            )
             # split, not slicing: its gradient is a concat, not zero-fills.
-            clean_logits, noise_logits = ops.split(both, 2, axis=-1)
-            noise_stddev = self._noise_stddev(noise_logits)
-            logits = clean_logits + noise_stddev * self._standard_normal(
-                ops.shape(clean_logits)
+            clean_logits, noise_logits = ops.split(
+                ops.matmul(
+                    features,
+                    ops.concatenate(
+                        [self.gate_kernel, self.noise_kernel], axis=-1
+                    ),
+                ),
+                2,
+                axis=-1,
             )
-            expert_weights, expert_indices, top_values = top_k_gates(
-                logits, self.k, extra=1, break_ties=False
+            stddev = noise_stddev(noise_logits, self.noise_epsilon)
+            noise = ops.reshape(
+                self._standard_normal(leading_shape + (self.num_experts,)),
+                (-1, self.num_experts),
             )
         else:
-            logits = ops.matmul(features, self.gate_kernel)
-            expert_weights, expert_indices = top_k_gates(logits, self.k)
-        position_mask = _position_mask(mask, expert_weights)
-        expert_weights = expert_weights * position_mask
-
-        importance = expert_totals(
-            expert_weights, expert_indices, self.num_experts
+            clean_logits = ops.matmul(features, self.gate_kernel)
+            stddev = noise = None
+        (expert_weights, expert_indices, importance, load,
+         tokens_per_expert) = noisy_top_k_gating(
+            clean_logits, self.k, stddev, noise, positions
         )
-        if add_noise:
-            probs = prob_in_top_k(
-                clean_logits, logits, noise_stddev, self.k,
-                top_values=top_values,
-            )
-            load = ops.sum(
-                ops.reshape(probs * position_mask, (-1, self.num_experts)),
-                axis=0,
-            )
-        tokens_per_expert = assignments_per_expert(
-            position_mask, expert_indices, self.num_experts
-        )
-        if not add_noise:
-            load = tokens_per_expert
         return Routing(
-            expert_weights,
-            expert_indices,
-            *distribution.global_batch_sums(
-                [importance, load, tokens_per_expert, ops.sum(position_mask)]
+            ops.reshape(expert_weights, leading_shape + (self.k,)),
+            ops.reshape(expert_indices, leading_shape + (self.k,)),
+            *replicas.global_batch_sums(
+                [importance, load, tokens_per_expert, ops.sum(positions)]
             ),
         )
 
@@ -641,7 +735,7 @@ class NoisyTopKGating(_GatingBase):
 
 @keras.saving.register_keras_serializable(package="keras_moe")
 class HierarchicalNoisyTopKGating(_GatingBase):
-    """Two-level noisy top-k gating (Shazeer et al. 2017, Appendix B).
+    __doc__ = """Two-level noisy top-k gating (Shazeer et al. 2017, Appendix B).
 
     A primary gate picks `k` of `num_groups` groups; each group `i` has its
     own noisy top-k gate over its `experts_per_group` experts and picks `k`
@@ -654,19 +748,22 @@ class HierarchicalNoisyTopKGating(_GatingBase):
 
     - `Importance_H(X)_ij = sum_x G_primary(x)_i * G_i(x)_j`
     - `Load_H(X)_ij = Load_primary(X)_i * Load_i(X^(i))_j / |X^(i)|`, with
-      `X^(i)` the positions routed to group `i`.
+      `X^(i)` the positions routed to group `i` (`hierarchical_load`).
 
     The group gates' logits are computed for all groups with one matmul
     (the same cost as a flat gate over all experts) and gathered for the
     chosen groups.
 
     Args:
-        num_groups: int. Number of groups `a`.
-        experts_per_group: int. Experts per group `b`.
+        num_groups: int >= 1. Number of groups `a`.
+        experts_per_group: int >= 1. Experts per group `b`.
         k: int. Groups chosen per position, and experts chosen within each
-            chosen group. Defaults to 2.
-        noisy, noise_epsilon, importance_weight, load_weight, seed,
-        kernel_initializer: as in `NoisyTopKGating`, for both levels.
+            chosen group; at most `num_groups` and `experts_per_group`.
+            Defaults to 2.
+""" + gate_arguments_doc() + """
+        kernel_initializer: initializer of the four kernels. Defaults to
+            `"zeros"`.
+        **kwargs: base `keras.layers.Layer` arguments.
 
     Call arguments:
         inputs: float tensor `[..., d]`.
@@ -678,24 +775,11 @@ class HierarchicalNoisyTopKGating(_GatingBase):
         `[..., k*k]` flat expert ids.
     """
 
-    def __init__(self, num_groups, experts_per_group, k=2, noisy=True,
-                 noise_epsilon=1e-2, importance_weight=0.1, load_weight=0.1,
-                 seed=None, kernel_initializer="zeros", **kwargs):
-        _validate_hierarchical_args(
-            num_groups, experts_per_group, k, noise_epsilon
+    def __init__(self, num_groups, experts_per_group, k=2, **kwargs):
+        super().__init__(k=k, **kwargs)
+        self.num_groups, self.experts_per_group, self.k = validation.hierarchy(
+            num_groups, experts_per_group, k
         )
-        super().__init__(
-            k=k,
-            noisy=noisy,
-            noise_epsilon=noise_epsilon,
-            importance_weight=importance_weight,
-            load_weight=load_weight,
-            seed=seed,
-            kernel_initializer=kernel_initializer,
-            **kwargs,
-        )
-        self.num_groups = num_groups
-        self.experts_per_group = experts_per_group
 
     @property
     def num_routed_experts(self):
@@ -706,27 +790,19 @@ class HierarchicalNoisyTopKGating(_GatingBase):
         return self.k * self.k
 
     def build(self, input_shape):
-        check_feature_input(self, input_shape)
+        validation.feature_input(self, input_shape)
         input_dim = input_shape[-1]
-        names = ["gate_kernel", "group_gate_kernel"]
+        widths = {
+            "gate_kernel": self.num_groups,
+            "group_gate_kernel": self.num_routed_experts,
+        }
         if self.noisy:
-            names += ["noise_kernel", "group_noise_kernel"]
-        for name in names:
-            width = (
-                self.num_groups
-                if name in ("gate_kernel", "noise_kernel")
-                else self.num_routed_experts
+            widths.update(
+                noise_kernel=self.num_groups,
+                group_noise_kernel=self.num_routed_experts,
             )
-            setattr(
-                self,
-                name,
-                self.add_weight(
-                    name=name,
-                    shape=(input_dim, width),
-                    initializer=self.kernel_initializer,
-                    dtype="float32",
-                ),
-            )
+        for name, width in widths.items():
+            setattr(self, name, self._add_kernel(name, input_dim, width))
         self._build_statistics()
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
@@ -738,124 +814,52 @@ class HierarchicalNoisyTopKGating(_GatingBase):
         `importance` and `load` are `Importance_H` and `Load_H` flattened
         to `[num_groups * experts_per_group]`.
         """
-        features, mask = self._flat_inputs(inputs, mask)
-        features = ops.reshape(features, (-1, features.shape[-1]))
+        features, positions, leading_shape = self._gate_inputs(inputs, mask)
         num_groups, group_size, k = (
-            self.num_groups,
-            self.experts_per_group,
-            self.k,
+            self.num_groups, self.experts_per_group, self.k,
         )
         add_noise = bool(training) and self.noisy
         kernels = [self.gate_kernel, self.group_gate_kernel]
         if add_noise:
             kernels += [self.noise_kernel, self.group_noise_kernel]
-        logits = ops.matmul(features, ops.concatenate(kernels, axis=-1))
         widths = [num_groups, num_groups * group_size] * (2 if add_noise else 1)
-        splits = list(_cumulative(widths))[:-1]
-        parts = ops.split(logits, splits, axis=-1)
-        clean_primary = parts[0]
-        clean_groups = ops.reshape(parts[1], (-1, num_groups, group_size))
+        parts = ops.split(
+            ops.matmul(features, ops.concatenate(kernels, axis=-1)),
+            [sum(widths[: i + 1]) for i in range(len(widths) - 1)],
+            axis=-1,
+        )
+
+        def per_group(logits):
+            return ops.reshape(logits, (-1, num_groups, group_size))
+
+        noisy_kwargs = {}
         if add_noise:
-            stddev_primary = self._noise_stddev(parts[2])
-            stddev_groups = ops.reshape(
-                self._noise_stddev(parts[3]), (-1, num_groups, group_size)
+            num_positions = ops.shape(features)[0]
+            noisy_kwargs = dict(
+                stddev_primary=noise_stddev(parts[2], self.noise_epsilon),
+                stddev_groups=per_group(
+                    noise_stddev(parts[3], self.noise_epsilon)
+                ),
+                noise_primary=self._standard_normal(ops.shape(parts[0])),
+                noise_inner=self._standard_normal(
+                    (num_positions, k, group_size)
+                ),
             )
-            noisy_primary = clean_primary + stddev_primary * (
-                self._standard_normal(ops.shape(clean_primary))
-            )
-        else:
-            noisy_primary = clean_primary
-
-        # Level 1: k of the groups.
-        group_weights, group_indices = top_k_gates(
-            noisy_primary, k, break_ties=not add_noise
+        (expert_weights, expert_indices, importance, primary_load, group_load,
+         positions_per_group, tokens_per_expert) = hierarchical_top_k_gating(
+            parts[0], per_group(parts[1]), k, positions=positions,
+            **noisy_kwargs,
         )
-        position_mask = _position_mask(
-            None if mask is None else ops.reshape(mask, (-1,)), group_weights
+        (primary_load, group_load, positions_per_group, importance,
+         tokens_per_expert, num_positions) = replicas.global_batch_sums(
+            [primary_load, group_load, positions_per_group, importance,
+             tokens_per_expert, ops.sum(positions)]
         )
-        group_weights = group_weights * position_mask
-
-        # Level 2: within each chosen group, [N, k, b] logits.
-        def chosen(per_group):
-            return ops.take_along_axis(
-                per_group, group_indices[..., None], axis=1
-            )
-
-        clean_chosen = chosen(clean_groups)
-        if add_noise:
-            stddev_chosen = chosen(stddev_groups)
-            noisy_chosen = clean_chosen + stddev_chosen * (
-                self._standard_normal(ops.shape(clean_chosen))
-            )
-        else:
-            noisy_chosen = clean_chosen
-        inner_weights, inner_indices = top_k_gates(
-            noisy_chosen, k, break_ties=not add_noise
-        )
-
-        expert_weights = ops.reshape(
-            group_weights[..., None] * inner_weights, (-1, k * k)
-        )
-        expert_indices = ops.reshape(
-            group_indices[..., None] * group_size + inner_indices, (-1, k * k)
-        )
-
-        importance = expert_totals(
-            expert_weights, expert_indices, self.num_routed_experts
-        )
-        # Load_primary [a]; Load_i(X^(i)) [a, b]; |X^(i)| [a].
-        pair_mask = ops.broadcast_to(position_mask, ops.shape(group_indices))
-        routed_to_group = expert_totals(pair_mask, group_indices, num_groups)
-        if add_noise:
-            primary_probs = prob_in_top_k(
-                clean_primary, noisy_primary, stddev_primary, k
-            )
-            primary_load = ops.sum(primary_probs * position_mask, axis=0)
-            inner_probs = prob_in_top_k(
-                clean_chosen, noisy_chosen, stddev_chosen, k
-            ) * pair_mask[..., None]
-            inner_load = ops.segment_sum(
-                ops.reshape(inner_probs, (-1, group_size)),
-                ops.reshape(group_indices, (-1,)),
-                num_segments=num_groups,
-            )
-        tokens_per_expert = assignments_per_expert(
-            position_mask, expert_indices, self.num_routed_experts
-        )
-        if not add_noise:
-            primary_load = routed_to_group
-            inner_load = ops.reshape(
-                tokens_per_expert, (num_groups, group_size)
-            )
-        (
-            primary_load,
-            inner_load,
-            routed_to_group,
-            importance,
-            tokens_per_expert,
-            num_positions,
-        ) = distribution.global_batch_sums(
-            [
-                primary_load,
-                inner_load,
-                routed_to_group,
-                importance,
-                tokens_per_expert,
-                ops.sum(position_mask),
-            ]
-        )
-        load = (
-            primary_load[:, None]
-            * inner_load
-            / ops.maximum(routed_to_group, 1.0)[:, None]
-        )
-
-        leading = ops.shape(inputs)[:-1]
         return Routing(
-            ops.reshape(expert_weights, leading + (k * k,)),
-            ops.reshape(expert_indices, leading + (k * k,)),
+            ops.reshape(expert_weights, leading_shape + (k * k,)),
+            ops.reshape(expert_indices, leading_shape + (k * k,)),
             importance,
-            ops.reshape(load, (-1,)),
+            hierarchical_load(primary_load, group_load, positions_per_group),
             tokens_per_expert,
             num_positions,
         )
@@ -866,10 +870,3 @@ class HierarchicalNoisyTopKGating(_GatingBase):
             "num_groups": self.num_groups,
             "experts_per_group": self.experts_per_group,
         }
-
-
-def _cumulative(widths):
-    total = 0
-    for width in widths:
-        total += width
-        yield total

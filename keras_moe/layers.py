@@ -3,16 +3,33 @@
 `y = sum_i G(x)_i * E_i(x)`: a gate picks k experts per position and only
 those k experts run on it (`keras_moe.dispatch`). Experts are one-hidden-
 layer MLPs whose weights are stacked with the expert axis first, so that
-distribution code can shard them along it.
+distribution code can shard them along it: `expert_variables` lists them,
+and `set_expert_relayout` lets such code move the dispatched buffer to the
+experts' devices and back (`keras_moe.expert_parallel` does both).
 """
 
 import keras
 from keras import ops
 
 from keras_moe import dispatch
-from keras_moe import distribution
-from keras_moe import expert_parallel
 from keras_moe import gating as gating_lib
+from keras_moe import replicas
+from keras_moe import statistics
+from keras_moe import validation
+
+if keras.backend.backend() == "jax":
+    from keras_moe import jax_dispatch
+else:
+    jax_dispatch = None
+
+# The stacked per-expert weights of every MoE layer, with their ranks; the
+# first axis of each is the expert axis.
+EXPERT_WEIGHT_RANKS = {
+    "expert_hidden_kernel": 3,   # [E, d, h]
+    "expert_hidden_bias": 2,     # [E, h]
+    "expert_output_kernel": 3,   # [E, h, d_out]
+    "expert_output_bias": 2,     # [E, d_out]
+}
 
 
 def _per_expert_initializer(initializer, num_experts):
@@ -33,15 +50,11 @@ def _per_expert_initializer(initializer, num_experts):
     )
 
 
-def _check_positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(
-            f"`{name}` must be an integer >= 1. Received: {name}={value}"
-        )
+class MixtureOfExpertsBase(keras.layers.Layer):
+    """Experts, dispatch and combine; subclasses choose the gate.
 
-
-class _ExpertLayerBase(keras.layers.Layer):
-    """Experts, dispatch and combine; subclasses choose the gate."""
+    Subclasses set their expert count and implement `_make_gating()`.
+    """
 
     def __init__(
         self,
@@ -62,24 +75,24 @@ class _ExpertLayerBase(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.k = k
-        self.noisy_gating = bool(noisy_gating)
-        self.noise_epsilon = noise_epsilon
-        self.importance_weight = importance_weight
-        self.load_weight = load_weight
-        self.seed = seed
-        _check_positive_int("hidden_units", hidden_units)
-        if output_units is not None:
-            _check_positive_int("output_units", output_units)
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(
-                f"`capacity_factor` must be > 0 (or None for dropless). "
-                f"Received: capacity_factor={capacity_factor}"
-            )
-        self.hidden_units = hidden_units
-        self.output_units = output_units
+        self.hidden_units = validation.integer("hidden_units", hidden_units)
+        self.k = validation.integer("k", k)
+        self.output_units = (
+            None if output_units is None
+            else validation.integer("output_units", output_units)
+        )
+        self.noisy_gating = validation.boolean("noisy_gating", noisy_gating)
+        (
+            self.noise_epsilon,
+            self.importance_weight,
+            self.load_weight,
+        ) = validation.gate_weights(noise_epsilon, importance_weight,
+                                    load_weight)
+        self.capacity_factor = validation.optional_number(
+            "capacity_factor", capacity_factor, minimum=0.0, exclusive=True
+        )
+        self.seed = validation.seed(seed)
         self.activation = keras.activations.get(activation)
-        self.capacity_factor = capacity_factor
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -89,9 +102,11 @@ class _ExpertLayerBase(keras.layers.Layer):
         # XLA cannot compile; `jit_compile="auto"` reads this. On JAX the
         # dropless path is a grouped matmul with static shapes instead.
         self.supports_jit = (
-            capacity_factor is not None
+            self.capacity_factor is not None
             or keras.backend.backend() == "jax"
         )
+        self._to_expert_layout = None
+        self._to_token_layout = None
 
     def _make_gating(self):
         raise NotImplementedError
@@ -110,10 +125,34 @@ class _ExpertLayerBase(keras.layers.Layer):
 
     @property
     def num_experts(self):
-        return self.gating.num_routed_experts
+        raise NotImplementedError
+
+    @property
+    def expert_variables(self):
+        """The stacked expert weights, expert axis first (after `build`).
+
+        Returns:
+            dict name -> variable: `expert_hidden_kernel [E, d, h]`,
+            `expert_hidden_bias [E, h]`, `expert_output_kernel
+            [E, h, d_out]`, `expert_output_bias [E, d_out]`.
+        """
+        return {name: getattr(self, name) for name in EXPERT_WEIGHT_RANKS}
+
+    def set_expert_relayout(self, to_expert_layout, to_token_layout):
+        """Hooks for distribution code: where the experts' rows are computed.
+
+        Args:
+            to_expert_layout: callable `[E, C, d] -> [E, C, d]`, applied to
+                the dispatched buffer before the experts run (e.g. moved to
+                the devices that hold each expert), or None.
+            to_token_layout: callable `[E, C, d_out] -> [E, C, d_out]`,
+                applied to the experts' outputs before `combine`, or None.
+        """
+        self._to_expert_layout = to_expert_layout
+        self._to_token_layout = to_token_layout
 
     def build(self, input_shape):
-        gating_lib.check_feature_input(self, input_shape)
+        validation.feature_input(self, input_shape)
         input_dim = input_shape[-1]
         output_dim = self.output_units or input_dim
         self.gating = self._make_gating()
@@ -122,13 +161,13 @@ class _ExpertLayerBase(keras.layers.Layer):
         kernel_initializer = _per_expert_initializer(
             self.kernel_initializer, experts
         )
-        weights = {
+        shapes = {
             "expert_hidden_kernel": (experts, input_dim, self.hidden_units),
             "expert_hidden_bias": (experts, self.hidden_units),
             "expert_output_kernel": (experts, self.hidden_units, output_dim),
             "expert_output_bias": (experts, output_dim),
         }
-        for name, shape in weights.items():
+        for name, shape in shapes.items():
             is_kernel = name.endswith("kernel")
             setattr(
                 self,
@@ -149,7 +188,7 @@ class _ExpertLayerBase(keras.layers.Layer):
                     dtype=self.variable_dtype,
                 ),
             )
-        self.dropped_assignments_total = gating_lib.add_accumulator(
+        self.dropped_assignments_total = statistics.add_accumulator(
             self, "dropped_assignments_total", ()
         )
         self.input_spec = keras.layers.InputSpec(
@@ -172,38 +211,34 @@ class _ExpertLayerBase(keras.layers.Layer):
             `positions` (unmasked positions seen).
         """
         gating = self.gating
-        counts = ops.convert_to_numpy(gating.tokens_per_expert_total)
-        assignments = float(counts.sum())
-        mean = counts.mean()
-
-        def cv2(value):
-            return float(ops.convert_to_numpy(gating_lib.cv_squared(value)))
-
-        dropped = float(ops.convert_to_numpy(self.dropped_assignments_total))
-        return {
-            "fraction_per_expert": counts / max(assignments, 1.0),
-            "importance_cv2": cv2(gating.importance_total),
-            "load_cv2": cv2(gating.load_total),
-            "max_mean_load": float(counts.max() / mean) if mean > 0 else 0.0,
-            "unused_experts": int((counts == 0).sum()),
-            "dropped_fraction": dropped / max(assignments, 1.0),
-            "positions": float(ops.convert_to_numpy(gating.positions_total)),
-        }
+        return statistics.summarise(
+            gating.tokens_per_expert_total,
+            gating.importance_total,
+            gating.load_total,
+            gating.positions_total,
+            self.dropped_assignments_total,
+        )
 
     def reset_routing_statistics(self):
+        """Zeroes the routing statistics (the gate's and the drop count)."""
         self.gating.reset_statistics()
-        self.dropped_assignments_total.assign(0.0)
+        statistics.reset([self.dropped_assignments_total])
 
     def call(self, inputs, training=None, mask=None):
-        gating_lib.check_feature_input(self, inputs.shape, inputs.dtype)
+        validation.feature_input(self, inputs.shape, inputs.dtype)
+        validation.mask(self, mask, inputs)
         leading_shape = ops.shape(inputs)[:-1]
         features = ops.reshape(inputs, (-1, inputs.shape[-1]))
         flat_mask = None if mask is None else ops.reshape(mask, (-1,))
         expert_weights, expert_indices = self.gating(
             features, training=training, mask=flat_mask
         )
-        if self.capacity_factor is None and keras.backend.backend() == "jax":
-            outputs = dispatch.ragged_mixture(
+        output_dim = self.expert_output_bias.shape[-1]
+        if features.shape[0] == 0:
+            # No positions (an empty batch or sequence): nothing to route.
+            outputs = ops.zeros((0, output_dim), self.compute_dtype)
+        elif self.capacity_factor is None and jax_dispatch is not None:
+            outputs = jax_dispatch.ragged_mixture(
                 features,
                 expert_weights,
                 expert_indices,
@@ -218,7 +253,7 @@ class _ExpertLayerBase(keras.layers.Layer):
             outputs = self._sparse_mixture(
                 features, expert_weights, expert_indices, flat_mask, training
             )
-        return ops.reshape(outputs, leading_shape + (outputs.shape[-1],))
+        return ops.reshape(outputs, leading_shape + (output_dim,))
 
     def _sparse_mixture(
         self, features, expert_weights, expert_indices, flat_mask, training
@@ -226,8 +261,9 @@ class _ExpertLayerBase(keras.layers.Layer):
         """Plan, dispatch, run the experts and combine: `[N, d_out]`."""
         capacity = None
         if self.capacity_factor is not None:
+            num_tokens = features.shape[0]
             capacity = dispatch.capacity_for(
-                features.shape[0] or ops.shape(features)[0],
+                ops.shape(features)[0] if num_tokens is None else num_tokens,
                 self.gating.experts_per_position,
                 self.num_experts,
                 self.capacity_factor,
@@ -235,35 +271,35 @@ class _ExpertLayerBase(keras.layers.Layer):
         plan = dispatch.plan_dispatch(
             expert_indices, self.num_experts, capacity=capacity, mask=flat_mask
         )
-        # Under ExpertParallel the buffer moves to the device of its expert
-        # and the outputs come back (no-ops otherwise).
+        buffer = dispatch.dispatch(features, plan)
+        if self._to_expert_layout is not None:
+            buffer = self._to_expert_layout(buffer)
         expert_outputs = dispatch.expert_feedforward(
-            expert_parallel.to_expert_layout(
-                self, dispatch.dispatch(features, plan)
-            ),
+            buffer,
             self.expert_hidden_kernel,
             self.expert_hidden_bias,
             self.expert_output_kernel,
             self.expert_output_bias,
             self.activation,
         )
-        expert_outputs = expert_parallel.to_token_layout(self, expert_outputs)
+        if self._to_token_layout is not None:
+            expert_outputs = self._to_token_layout(expert_outputs)
         outputs = dispatch.combine(expert_outputs, expert_weights, plan)
         if training and self.capacity_factor is not None:
             self.dropped_assignments_total.assign_add(
-                distribution.global_batch_sum(
+                replicas.global_batch_sum(
                     ops.cast(plan.num_dropped, "float32")
                 )
             )
         return outputs
 
     def compute_output_shape(self, input_shape):
-        gating_lib.check_feature_input(self, input_shape)
+        validation.feature_input(self, input_shape)
         output_dim = self.output_units or input_shape[-1]
         return tuple(input_shape)[:-1] + (output_dim,)
 
     def compute_output_spec(self, inputs, training=None, mask=None):
-        gating_lib.check_feature_input(self, inputs.shape, inputs.dtype)
+        validation.feature_input(self, inputs.shape, inputs.dtype)
         return keras.KerasTensor(
             self.compute_output_shape(inputs.shape), dtype=self.compute_dtype
         )
@@ -296,24 +332,20 @@ class _ExpertLayerBase(keras.layers.Layer):
         }
 
 
-_GATING_ARGS = """
-        k: int. Experts chosen per position. Defaults to 2.
-        output_units: int or None. Output features `d_out`. Defaults to
-            None, the input's feature size.
+def _arguments_doc(k_meaning):
+    """The MoE layers' shared `Args:` entries, after their own."""
+    return f"""\
+        k: int. {k_meaning} Defaults to 2.
+        output_units: int >= 1 or None. Output features `d_out`. Defaults
+            to None, the input's feature size.
         activation: activation of the experts' hidden layer. Defaults to
             `"relu"` (the paper's experts).
-        noisy_gating: bool. Noisy top-k gating while training. Defaults to
-            True.
-        noise_epsilon: float. Added to the noise standard deviation.
-            Defaults to 1e-2.
-        importance_weight: float. `w_importance` of the balancing loss.
-            Defaults to 0.1.
-        load_weight: float. `w_load` of the balancing loss. Defaults to 0.1.
-        capacity_factor: float or None. None (default) is dropless: every
-            chosen (position, expert) pair is computed. A float `c` gives
-            each expert `ceil(c * N * k / E)` slots for `N` positions and
-            drops what does not fit (static shapes: XLA-compilable).
-        seed: int or None. Seed of the gating noise. Defaults to None.
+{gating_lib.gate_arguments_doc(noisy_name="noisy_gating")}
+        capacity_factor: float > 0 or None. None (default) is dropless:
+            every chosen (position, expert) pair is computed. A float `c`
+            gives each expert `ceil(c * N * k / E)` slots for `N` positions
+            and drops what does not fit (static shapes: XLA-compilable).
+            Positions with non-finite features take slots like any other.
         kernel_initializer: initializer of each expert's kernels, applied
             per expert. Defaults to `"glorot_uniform"`.
         bias_initializer: initializer of the experts' biases. Defaults to
@@ -325,12 +357,13 @@ _GATING_ARGS = """
     Call arguments:
         inputs: float tensor `[..., d]`, rank >= 2. All leading positions
             (e.g. every time step of every sequence) are routed together as
-            one batch.
+            one batch; there may be none (an empty batch or sequence gives
+            an empty output).
         training: bool. Gating noise and balancing losses only when True.
-        mask: optional bool tensor `[...]` (Keras masks are picked up
-            automatically). Masked positions are not routed, do not count
-            in the balancing losses, and output zeros; the mask is passed
-            on.
+        mask: optional bool tensor `[...]`, shaped like the inputs without
+            their last axis (Keras masks are picked up automatically).
+            Masked positions are not routed, do not count in the balancing
+            losses, and output zeros; the mask is passed on.
 
     Returns:
         tensor `[..., d_out]` in the layer's compute dtype.
@@ -338,7 +371,7 @@ _GATING_ARGS = """
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class MixtureOfExperts(_ExpertLayerBase):
+class MixtureOfExperts(MixtureOfExpertsBase):
     __doc__ = """Sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
 
     `y = sum_i G(x)_i * E_i(x)` with `G` a `NoisyTopKGating` over
@@ -350,9 +383,11 @@ class MixtureOfExperts(_ExpertLayerBase):
     the gate.
 
     Args:
-        num_experts: int. Number of experts `E`.
-        hidden_units: int. Hidden size `h` of each expert.
-    """ + _GATING_ARGS + """
+        num_experts: int >= 1. Number of experts `E`.
+        hidden_units: int >= 1. Hidden size `h` of each expert.
+""" + _arguments_doc(
+        "Experts chosen per position, `1 <= k <= num_experts`."
+    ) + """
     Example:
 
     >>> layer = MixtureOfExperts(num_experts=8, hidden_units=32, k=2)
@@ -360,36 +395,9 @@ class MixtureOfExperts(_ExpertLayerBase):
     (2, 5, 16)
     """
 
-    def __init__(
-        self,
-        num_experts,
-        hidden_units,
-        k=2,
-        output_units=None,
-        activation="relu",
-        noisy_gating=True,
-        noise_epsilon=1e-2,
-        importance_weight=0.1,
-        load_weight=0.1,
-        capacity_factor=None,
-        seed=None,
-        **kwargs,
-    ):
-        gating_lib._validate_gating_args(num_experts, k, noise_epsilon)
-        super().__init__(
-            hidden_units,
-            k=k,
-            output_units=output_units,
-            activation=activation,
-            noisy_gating=noisy_gating,
-            noise_epsilon=noise_epsilon,
-            importance_weight=importance_weight,
-            load_weight=load_weight,
-            capacity_factor=capacity_factor,
-            seed=seed,
-            **kwargs,
-        )
-        self._num_experts = num_experts
+    def __init__(self, num_experts, hidden_units, k=2, **kwargs):
+        super().__init__(hidden_units, k=k, **kwargs)
+        self._num_experts, self.k = validation.experts_and_k(num_experts, k)
 
     @property
     def num_experts(self):
@@ -405,7 +413,7 @@ class MixtureOfExperts(_ExpertLayerBase):
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")
-class HierarchicalMixtureOfExperts(_ExpertLayerBase):
+class HierarchicalMixtureOfExperts(MixtureOfExpertsBase):
     __doc__ = """Hierarchical Mixture-of-Experts layer (Shazeer et al. 2017, App. B).
 
     A primary gate picks `k` of `num_groups` groups, and each chosen
@@ -419,12 +427,12 @@ class HierarchicalMixtureOfExperts(_ExpertLayerBase):
     `num_groups` devices puts each group on one device.
 
     Args:
-        num_groups: int. Number of groups `a`.
-        experts_per_group: int. Experts per group `b`.
-        hidden_units: int. Hidden size `h` of each expert.
-    """ + _GATING_ARGS.replace(
-        "Experts chosen per position.",
-        "Groups chosen per position, and experts chosen per chosen group.",
+        num_groups: int >= 1. Number of groups `a`.
+        experts_per_group: int >= 1. Experts per group `b`.
+        hidden_units: int >= 1. Hidden size `h` of each expert.
+""" + _arguments_doc(
+        "Groups chosen per position, and experts chosen per chosen group; "
+        "at most `num_groups` and `experts_per_group`."
     ) + """
     Example:
 
@@ -433,40 +441,12 @@ class HierarchicalMixtureOfExperts(_ExpertLayerBase):
     (2, 5, 16)
     """
 
-    def __init__(
-        self,
-        num_groups,
-        experts_per_group,
-        hidden_units,
-        k=2,
-        output_units=None,
-        activation="relu",
-        noisy_gating=True,
-        noise_epsilon=1e-2,
-        importance_weight=0.1,
-        load_weight=0.1,
-        capacity_factor=None,
-        seed=None,
-        **kwargs,
-    ):
-        gating_lib._validate_hierarchical_args(
-            num_groups, experts_per_group, k, noise_epsilon
+    def __init__(self, num_groups, experts_per_group, hidden_units, k=2,
+                 **kwargs):
+        super().__init__(hidden_units, k=k, **kwargs)
+        self.num_groups, self.experts_per_group, self.k = validation.hierarchy(
+            num_groups, experts_per_group, k
         )
-        super().__init__(
-            hidden_units,
-            k=k,
-            output_units=output_units,
-            activation=activation,
-            noisy_gating=noisy_gating,
-            noise_epsilon=noise_epsilon,
-            importance_weight=importance_weight,
-            load_weight=load_weight,
-            capacity_factor=capacity_factor,
-            seed=seed,
-            **kwargs,
-        )
-        self.num_groups = num_groups
-        self.experts_per_group = experts_per_group
 
     @property
     def num_experts(self):

@@ -122,7 +122,7 @@ def ops_per_timestep(model):
         int.
     """
     total = 0
-    for layer in model._flatten_layers(include_self=False, recursive=False):
+    for layer in model.layers:
         if layer.name == "logits":
             continue
         if isinstance(layer, keras.layers.LSTM):

@@ -40,25 +40,66 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None):
+def _typed(convert, check):
+    """An argparse type: `convert`, then `check` (a message, or None)."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a{'n integer' if convert is int else ' number'}: {text!r}"
+            ) from None
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+        return value
+
+    return parse
+
+
+def _at_least(minimum):
+    return _typed(
+        int, lambda v: None if v >= minimum else f"must be >= {minimum}"
+    )
+
+
+_POSITIVE_NUMBER = _typed(
+    float,
+    lambda v: None if math.isfinite(v) and v > 0 else "must be finite and > 0",
+)
+_PROBABILITY = _typed(
+    float, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"
+)
+
+
+def _parser():
     parser = argparse.ArgumentParser(
         prog="keras-moe-train",
         description="Train the LSTM-MoE language model on Penn Treebank.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--experts", type=int, help="number of experts (0: dense baseline)")
-    parser.add_argument("--k", type=int, help="experts per position (per level if hierarchical)")
-    parser.add_argument("--hierarchical", type=int, metavar="GROUPS",
+    parser.add_argument("--experts", type=_at_least(0),
+                        help="number of experts (0: dense baseline)")
+    parser.add_argument("--k", type=_at_least(1),
+                        help="experts per position (per level if hierarchical)")
+    parser.add_argument("--hierarchical", type=_at_least(1), metavar="GROUPS",
                         help="hierarchical MoE with this many groups")
-    parser.add_argument("--hidden-units", type=int, help="hidden size of each expert")
-    parser.add_argument("--model-dim", type=int, help="embedding/LSTM width")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seq-len", type=int, help="truncated-BPTT window")
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--dropout", type=float)
-    parser.add_argument("--max-tokens", type=int, help="use the first N tokens of each split")
-    parser.add_argument("--capacity-factor", type=float, default=None)
+    parser.add_argument("--hidden-units", type=_at_least(1),
+                        help="hidden size of each expert")
+    parser.add_argument("--model-dim", type=_at_least(1),
+                        help="embedding/LSTM width")
+    parser.add_argument("--epochs", type=_at_least(1))
+    parser.add_argument("--batch-size", type=_at_least(1))
+    parser.add_argument("--seq-len", type=_at_least(1),
+                        help="truncated-BPTT window")
+    parser.add_argument("--learning-rate", type=_POSITIVE_NUMBER)
+    parser.add_argument("--dropout", type=_PROBABILITY)
+    parser.add_argument("--max-tokens", type=_at_least(2),
+                        help="use the first N tokens of each split")
+    parser.add_argument("--capacity-factor", type=_POSITIVE_NUMBER, default=None,
+                        help="slots per expert relative to a balanced load "
+                        "(default: dropless)")
     parser.add_argument(
         "--schedule", choices=["constant", "plateau"],
         help="plateau: halve the learning rate when validation perplexity "
@@ -67,13 +108,59 @@ def parse_args(argv=None):
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--compare-baseline", action="store_true",
                         help="also train the computationally matched dense baseline")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_at_least(0), default=0)
     parser.add_argument("--out", default="runs/lm")
-    parser.add_argument("--verbose", default="auto", help="Keras fit verbosity")
+    parser.add_argument("--verbose", default="auto",
+                        choices=["auto", "0", "1", "2"],
+                        help="Keras fit verbosity")
+    return parser
+
+
+def _check_combination(parser, args):
+    """Usage errors for arguments that are only wrong together."""
+    if args.experts == 0:
+        if args.hierarchical:
+            parser.error("--hierarchical needs --experts > 0")
+        if args.compare_baseline:
+            parser.error("--compare-baseline needs --experts > 0 (--experts 0 "
+                         "trains the baseline alone)")
+        return
+    if args.hierarchical:
+        if args.experts % args.hierarchical:
+            parser.error(
+                f"--experts {args.experts} must be a multiple of "
+                f"--hierarchical {args.hierarchical}"
+            )
+        per_group = args.experts // args.hierarchical
+        if args.k > min(args.hierarchical, per_group):
+            parser.error(
+                f"--k {args.k} exceeds the groups ({args.hierarchical}) or "
+                f"the experts per group ({per_group}): k of each are chosen"
+            )
+    elif args.k > args.experts:
+        parser.error(
+            f"--k {args.k} exceeds --experts {args.experts}: a position "
+            "cannot take more experts than there are"
+        )
+    if args.max_tokens is not None and (
+        args.max_tokens < args.batch_size * args.seq_len + 1
+    ):
+        parser.error(
+            f"--max-tokens {args.max_tokens} is too few for one batch of "
+            f"--batch-size {args.batch_size} x --seq-len {args.seq_len} "
+            f"(needs at least {args.batch_size * args.seq_len + 1})"
+        )
+
+
+def parse_args(argv=None):
+    """Parses and checks the command line; exits with status 2 (usage) on
+    a bad value, before anything heavy is imported."""
+    parser = _parser()
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    _check_combination(parser, args)
     if args.verbose != "auto":
         args.verbose = int(args.verbose)
     return args
@@ -154,7 +241,7 @@ def train_one(args, datasets, vocab_size, num_experts, out_dir, strategy=None):
         log_dir=os.path.join(out_dir, "tensorboard")
     )
     callbacks = [
-        routing,  # before TensorBoard, so its scalars reach the logs
+        routing,
         keras.callbacks.TensorBoard(os.path.join(out_dir, "tensorboard")),
         keras.callbacks.ModelCheckpoint(
             os.path.join(out_dir, "checkpoint.weights.h5"),
@@ -244,11 +331,13 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def run(argv=None):
+    """Parses `argv`, trains and reports; returns the metrics rows."""
     args = parse_args(argv)
     os.environ.setdefault("KERAS_MOE_QUIET", "1")
-    import keras_moe  # noqa: F401  (quiet backend import)
+    from keras_moe import console
 
+    console.import_backend()
     strategy = _strategy(args)
     datasets, vocabulary = _datasets(args)
     print(
@@ -282,5 +371,12 @@ def main(argv=None):
     return rows
 
 
+def main(argv=None):
+    """The `keras-moe-train` command: exit status 0 after a good run, 2
+    for a usage error."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -257,7 +257,7 @@ def test_cli_trains_under_mirrored_strategy(tmp_path):
     _run(
         f"""
         from keras_moe import train
-        (row,) = train.main([
+        (row,) = train.run([
             "--experts", "4", "--hidden-units", "16", "--model-dim", "16",
             "--epochs", "1", "--batch-size", "8", "--seq-len", "10",
             "--max-tokens", "3000", "--strategy", "mirrored",

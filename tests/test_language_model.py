@@ -125,7 +125,7 @@ def test_routing_statistics_equal_counts_of_a_known_batch():
 
 def test_cli_trains_one_tiny_epoch_and_exports_probabilities(tmp_path):
     out = str(tmp_path / "run")
-    rows = train.main([
+    rows = train.run([
         "--preset", "quick", "--experts", "4", "--hidden-units", "16", "--model-dim", "16",
         "--epochs", "1", "--batch-size", "4", "--seq-len", "10", "--max-tokens", "2000",
         "--compare-baseline", "--out", out, "--verbose", "0",
