@@ -557,9 +557,10 @@ class _GatingBase(compat.PerThreadLosses, keras.layers.Layer):
         if replicas.num_replicas_in_sync() > 1 and compat.in_xla_context():
             raise ValueError(
                 f"{self.__class__.__name__} '{self.name}' is being compiled "
-                "with XLA (jit_compile=True) under a tf.distribute mirrored "
-                "strategy; TensorFlow 2.21 cannot run XLA-compiled steps "
-                "under mirrored strategies (even Embedding -> Dense fails). "
+                f"with XLA (jit_compile=True) under "
+                f"{replicas.strategy_name()}; TensorFlow 2.21 cannot run "
+                "XLA-compiled steps under tf.distribute mirrored strategies "
+                "(even Embedding -> Dense fails). "
                 "Compile the model with jit_compile=False or "
                 "jit_compile='auto' (which turns XLA off under strategies)."
             )

@@ -39,6 +39,14 @@ def num_replicas_in_sync():
     return 1 if context is None else context.num_replicas_in_sync
 
 
+def strategy_name():
+    """The class name of the current `tf.distribute` strategy, or None."""
+    tf = _tensorflow()
+    if tf is None or not tf.distribute.has_strategy():
+        return None
+    return type(tf.distribute.get_strategy()).__name__
+
+
 def global_batch_sum(value):
     """Sums a per-replica statistic over all replicas in sync.
 

@@ -23,19 +23,40 @@ def _float_outputs(outputs):
     return [o for o in _as_list(outputs) if keras.backend.is_float_dtype(o.dtype)]
 
 
-def _gradients_finite(layer, inputs):
-    """Gradients of (sum of float outputs + losses) w.r.t. the weights."""
-    if keras.backend.backend() != "tensorflow":
-        return True
+def _total(outputs, losses):
+    total = sum(ops.sum(ops.cast(o, "float32")) for o in _float_outputs(outputs))
+    return total + sum(losses)
+
+
+def weight_gradients(layer, inputs):
+    """Gradients of (sum of float outputs + losses) w.r.t. the trainable
+    weights, while training, on the TensorFlow or the JAX backend."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def total(trainable):
+            outputs, _, losses = layer.stateless_call(
+                trainable, non_trainable, inputs, training=True,
+                return_losses=True,
+            )
+            return _total(outputs, losses)
+
+        return jax.grad(total)([v.value for v in layer.trainable_variables])
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
         outputs = layer(inputs, training=True)
-        total = sum(ops.sum(ops.cast(o, "float32")) for o in _float_outputs(outputs))
-        total = total + sum(layer.losses)
-    grads = tape.gradient(total, layer.trainable_weights)
+        total = _total(outputs, layer.losses)
+    return tape.gradient(total, layer.trainable_weights)
+
+
+def _gradients_finite(layer, inputs):
+    grads = weight_gradients(layer, inputs)
+    assert len(grads) == len(layer.trainable_weights) > 0
     return all(
-        g is None or bool(np.all(np.isfinite(ops.convert_to_numpy(g))))
+        g is not None and bool(np.all(np.isfinite(ops.convert_to_numpy(g))))
         for g in grads
     )
 
@@ -126,6 +147,57 @@ def check_layer(
             rtol=1e-6,
             atol=1e-6,
         )
+
+
+def public_layer_cases():
+    """`(layer class, constructor arguments, output shapes, trainable
+    weights, seed generators)` for every public layer, on inputs
+    `(3, 4, 5)`."""
+    import keras_moe
+
+    return [
+        (keras_moe.NoisyTopKGating, dict(num_experts=6, k=2, seed=1), [(3, 4, 2)] * 2, 2, 1),
+        (keras_moe.HierarchicalNoisyTopKGating, dict(num_groups=3, experts_per_group=2, k=2, seed=1), [(3, 4, 4)] * 2, 4, 1),
+        (keras_moe.MixtureOfExperts, dict(num_experts=6, hidden_units=8, seed=1), [(3, 4, 5)], 6, 1),
+        (keras_moe.MixtureOfExperts, dict(num_experts=6, hidden_units=8, output_units=3, capacity_factor=1.5, noisy_gating=False), [(3, 4, 3)], 5, 1),
+        (keras_moe.HierarchicalMixtureOfExperts, dict(num_groups=2, experts_per_group=3, hidden_units=8, k=2, seed=2), [(3, 4, 5)], 8, 1),
+    ]
+
+
+def check_public_layer(case, tmp_path):
+    """`check_layer` for `public_layer_cases()[case]`."""
+    layer_cls, init_kwargs, output_shapes, num_weights, num_seeds = (
+        public_layer_cases()[case]
+    )
+    check_layer(
+        layer_cls,
+        init_kwargs,
+        input_shape=(3, 4, 5),
+        expected_output_shapes=output_shapes,
+        expected_num_trainable_weights=num_weights,
+        expected_num_seed_generators=num_seeds,
+        # The gate's 4 accumulators, and the MoE layers' dropped count.
+        expected_num_statistics=5 if "hidden_units" in init_kwargs else 4,
+        tmp_path=tmp_path,
+    )
+
+
+# Layers with random weights ----------------------------------------------
+
+
+def randomise_weights(layer, seed=0, scale=0.5, input_shape=None):
+    """Fills a layer's trainable weights with `N(0, scale^2)` draws.
+
+    Builds it first when `input_shape` is given. Zero-initialised gates tie
+    every expert; random ones route somewhere other than round-robin.
+    Returns the layer.
+    """
+    if input_shape is not None:
+        layer.build(input_shape)
+    rng = np.random.default_rng(seed)
+    for weight in layer.trainable_weights:
+        weight.assign(rng.normal(size=weight.shape).astype("float32") * scale)
+    return layer
 
 
 # Reading a built MoE layer for the NumPy reference (tests/reference.py) ----

@@ -8,8 +8,6 @@ processes talking over 127.0.0.1).
 import json
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -17,6 +15,8 @@ import pytest
 
 from tests.subprocesses import ROOT
 from tests.subprocesses import run_python
+from tests.subprocesses import start_python
+from tests.subprocesses import wait_all
 
 PRELUDE = textwrap.dedent(
     """
@@ -28,6 +28,7 @@ PRELUDE = textwrap.dedent(
     import tensorflow as tf
     import keras
     import keras_moe
+    from tests import layer_checks
 
     VOCAB = 24
 
@@ -73,8 +74,7 @@ def test_mirrored_balancing_loss_and_gate_gradients_are_those_of_the_global_batc
             with strategy.scope():
                 layer = make()
                 layer.build((None, 6))
-            for weight in layer.trainable_weights:
-                weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
+            layer_checks.randomise_weights(layer, seed=7)
             gate_vars = layer.gating.trainable_weights
 
             with tf.GradientTape() as tape:
@@ -174,8 +174,7 @@ def test_mirrored_jit_compile_is_off_and_forcing_it_fails_clearly(tmp_path):
 
 WORKER = textwrap.dedent(
     """
-    import json, os, sys
-    sys.path.insert(0, {root!r})
+    import json, os
     import numpy as np
     import tensorflow as tf
     from keras_moe import distribution
@@ -220,31 +219,15 @@ def _free_ports(count):
 def test_multi_worker_mirrored_fit_in_two_processes(tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    script = WORKER.format(root=ROOT, out=str(tmp_path))
-    workers = []
-    for index in range(2):
-        env = dict(
-            os.environ,
-            KERAS_HOME=str(tmp_path),
-            TF_CPP_MIN_LOG_LEVEL="3",
-            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
-        )
-        workers.append(subprocess.Popen(
-            [sys.executable, "-c", script], env=env, cwd=ROOT,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    outputs = []
-    try:
-        for worker in workers:
-            stdout, stderr = worker.communicate(timeout=600)
-            outputs.append((worker.returncode, stdout, stderr))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-    for returncode, stdout, stderr in outputs:
-        assert returncode == 0 and "DONE" in stdout, stdout[-2000:] + stderr[-4000:]
-    losses = [json.loads(stdout.split("DONE", 1)[1].strip().replace("'", '"')) for _, stdout, _ in outputs]
+    script = WORKER.format(out=str(tmp_path))
+    workers = [
+        start_python(script, tmp_path, env_extra={"TF_CONFIG": json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )})
+        for index in range(2)
+    ]
+    outputs = wait_all(workers)
+    losses = [json.loads(stdout.split("DONE", 1)[1].strip().replace("'", '"')) for stdout in outputs]
     assert losses[0][-1] < losses[0][0]
     first = np.load(tmp_path / "worker0.npz")
     second = np.load(tmp_path / "worker1.npz")

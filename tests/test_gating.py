@@ -7,6 +7,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_moe import gating
+from tests import layer_checks
 from tests import reference
 
 
@@ -179,11 +180,7 @@ def test_noise_only_while_training():
 
 def _hierarchical_layer(a, b, k, d, seed=0, **kwargs):
     layer = gating.HierarchicalNoisyTopKGating(a, b, k=k, **kwargs)
-    layer.build((None, d))
-    rng = np.random.default_rng(seed)
-    for weight in layer.trainable_weights:
-        weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
-    return layer
+    return layer_checks.randomise_weights(layer, seed, input_shape=(None, d))
 
 
 @pytest.mark.parametrize("a,b,k", [(3, 4, 2), (4, 2, 1), (2, 3, 2)])

@@ -12,16 +12,11 @@ import keras_moe
 from keras_moe import gating
 from tests import layer_checks
 from tests import reference
+from tests.subprocesses import run_python
 
 
 def _np(x):
     return ops.convert_to_numpy(x)
-
-
-def _randomise(layer, seed=0, scale=0.5):
-    rng = np.random.default_rng(seed)
-    for weight in layer.trainable_weights:
-        weight.assign(rng.normal(size=weight.shape).astype("float32") * scale)
 
 
 @pytest.mark.parametrize("num_experts,k", [(4, 1), (8, 2), (6, 6)])
@@ -29,7 +24,7 @@ def test_output_equals_dense_sum_of_gated_experts(num_experts, k):
     layer = keras_moe.MixtureOfExperts(num_experts, hidden_units=12, k=k, output_units=3)
     x = np.random.default_rng(1).normal(size=(4, 5, 7)).astype("float32")
     layer.build(x.shape)
-    _randomise(layer, seed=num_experts)
+    layer_checks.randomise_weights(layer, seed=num_experts)
     y = _np(layer(x, training=False))
     assert y.shape == (4, 5, 3)
     expected = layer_checks.dense_reference(layer, x.reshape(-1, 7))
@@ -40,7 +35,7 @@ def test_hierarchical_output_equals_dense_sum():
     layer = keras_moe.HierarchicalMixtureOfExperts(3, 4, hidden_units=10, k=2)
     x = np.random.default_rng(2).normal(size=(9, 6)).astype("float32")
     layer.build(x.shape)
-    _randomise(layer, seed=3)
+    layer_checks.randomise_weights(layer, seed=3)
     y = _np(layer(x))
     g = layer.gating
     dense_gates, _, _ = reference.hierarchical_gating(
@@ -54,7 +49,7 @@ def test_unchosen_expert_weights_do_not_change_the_output():
     layer = keras_moe.MixtureOfExperts(8, hidden_units=16, k=2)
     x = np.random.default_rng(3).normal(size=(6, 4)).astype("float32")
     layer.build(x.shape)
-    _randomise(layer, seed=4)
+    layer_checks.randomise_weights(layer, seed=4)
     chosen = set(_np(layer.gating(x)[1]).ravel())
     unchosen = sorted(set(range(8)) - chosen)
     assert unchosen, "the test needs an expert no position chose"
@@ -93,7 +88,7 @@ def test_masked_positions_do_not_count_in_the_balancing_loss():
     x = rng.normal(size=(2, 6, 5)).astype("float32")
     mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], bool)
     layer.build(x.shape)
-    _randomise(layer, seed=5)
+    layer_checks.randomise_weights(layer, seed=5)
     layer(x, training=True, mask=mask)
     masked_loss = _np(layer.losses[0])
     garbage = x.copy()
@@ -243,29 +238,18 @@ def test_bad_inputs_raise(layer):
         layer()(keras.Input(shape=(3,), dtype="int32"))
 
 
-@pytest.mark.parametrize(
-    "layer_cls,init_kwargs,output_shapes,num_weights,num_seeds",
-    [
-        (gating.NoisyTopKGating, dict(num_experts=6, k=2, seed=1), [(3, 4, 2)] * 2, 2, 1),
-        (gating.HierarchicalNoisyTopKGating, dict(num_groups=3, experts_per_group=2, k=2, seed=1), [(3, 4, 4)] * 2, 4, 1),
-        (keras_moe.MixtureOfExperts, dict(num_experts=6, hidden_units=8, seed=1), [(3, 4, 5)], 6, 1),
-        (keras_moe.MixtureOfExperts, dict(num_experts=6, hidden_units=8, output_units=3, capacity_factor=1.5, noisy_gating=False), [(3, 4, 3)], 5, 1),
-        (keras_moe.HierarchicalMixtureOfExperts, dict(num_groups=2, experts_per_group=3, hidden_units=8, k=2, seed=2), [(3, 4, 5)], 8, 1),
-    ],
-)
-def test_every_public_layer_passes_the_shared_checks(
-    layer_cls, init_kwargs, output_shapes, num_weights, num_seeds, tmp_path
-):
-    layer_checks.check_layer(
-        layer_cls,
-        init_kwargs,
-        input_shape=(3, 4, 5),
-        expected_output_shapes=output_shapes,
-        expected_num_trainable_weights=num_weights,
-        expected_num_seed_generators=num_seeds,
-        # The gate's 4 accumulators, and the MoE layers' dropped count.
-        expected_num_statistics=5 if "hidden_units" in init_kwargs else 4,
-        tmp_path=tmp_path,
+@pytest.mark.parametrize("case", range(len(layer_checks.public_layer_cases())))
+def test_every_public_layer_passes_the_shared_checks(case, tmp_path):
+    layer_checks.check_public_layer(case, tmp_path)
+
+
+def test_every_public_layer_passes_the_shared_checks_on_jax(tmp_path):
+    run_python(
+        "from tests import layer_checks\n"
+        "for case in range(len(layer_checks.public_layer_cases())):\n"
+        f"    layer_checks.check_public_layer(case, {str(tmp_path)!r})\n"
+        "print('DONE')\n",
+        tmp_path, env_extra={"KERAS_BACKEND": "jax"}, timeout=600,
     )
 
 

@@ -31,11 +31,9 @@ def routing_cases(draw):
 
 def _layer(num_experts, k, dim, seed, **kwargs):
     layer = keras_moe.MixtureOfExperts(num_experts, 4, k=k, seed=seed, **kwargs)
-    layer.build((None, dim))
-    rng = np.random.default_rng(seed)
-    for weight in layer.trainable_weights:
-        weight.assign(rng.normal(size=weight.shape).astype("float32"))
-    return layer
+    return layer_checks.randomise_weights(
+        layer, seed, scale=1.0, input_shape=(None, dim)
+    )
 
 
 @SETTINGS

@@ -240,11 +240,7 @@ def test_backup_and_restore_under_mirrored_strategy(tmp_path):
 
 def _layer_with_weights(num_experts, k=2, dim=6, seed=0, **kwargs):
     layer = keras_moe.MixtureOfExperts(num_experts, 8, k=k, seed=seed, **kwargs)
-    layer.build((None, dim))
-    rng = np.random.default_rng(seed)
-    for weight in layer.trainable_weights:
-        weight.assign(rng.normal(size=weight.shape).astype("float32") * 0.5)
-    return layer
+    return layer_checks.randomise_weights(layer, seed, input_shape=(None, dim))
 
 
 def _loss_and_grads(layer, x, mask=None):

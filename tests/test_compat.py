@@ -1,0 +1,195 @@
+"""The upstream behaviours `keras_moe.compat` works around, pinned down.
+
+Each test fails when Keras or TensorFlow changes the behaviour (or the
+internal) a compat function relies on: then that workaround can go, or
+must change.
+"""
+
+import textwrap
+import threading
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_moe import compat
+from tests.subprocesses import run_python
+
+
+class _LossLayer(keras.layers.Layer):
+    def call(self, x):
+        self.add_loss(keras.ops.sum(x))
+        return x
+
+
+class _PerThreadLossLayer(compat.PerThreadLosses, _LossLayer):
+    pass
+
+
+def test_keras_keeps_call_losses_in_the_private_losses_list():
+    # PerThreadLosses overrides `Layer._losses`: Keras must still append
+    # `add_loss` values there, read `losses` from it and clear it per call.
+    layer = _LossLayer()
+    layer(np.ones((2,), "float32"))
+    assert isinstance(layer._losses, list) and len(layer._losses) == 1
+    assert layer.losses == layer._losses
+    layer(np.ones((2,), "float32"))
+    assert len(layer._losses) == 1
+
+
+def test_per_thread_losses_keep_each_threads_own_losses():
+    layer = _PerThreadLossLayer()
+    layer(np.ones((2,), "float32"))
+    seen = {}
+
+    def other_thread():
+        seen["before"] = list(layer.losses)
+        layer(np.full((2,), 3.0, "float32"))
+        seen["after"] = [float(loss) for loss in layer.losses]
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"before": [], "after": [6.0]}
+    assert [float(loss) for loss in layer.losses] == [2.0]
+
+
+def test_flatten_layers_finds_layers_nested_in_custom_layers():
+    class Outer(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.inner = keras.layers.Dense(2, name="inner_dense")
+
+        def call(self, x):
+            return self.inner(x)
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, Outer()(inputs))
+    names = [layer.name for layer in compat.flatten_layers(model)]
+    assert "inner_dense" in names
+    assert "inner_dense" not in [layer.name for layer in model.layers]
+
+
+def test_in_xla_context_sees_jit_compile():
+    assert compat.in_xla_context() is False
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def compiled(x):
+        seen.append(compat.in_xla_context())
+        return x + 1
+
+    compiled(tf.constant(1.0))
+    assert seen == [True]
+
+
+def test_keras_variables_keep_their_storage_in_value():
+    variable = keras.Variable(np.zeros((2,), "float32"))
+    replacement = tf.Variable(np.ones((2,), "float32"))
+    compat.replace_variable_storage(variable, replacement)
+    assert variable.value is replacement
+    variable.assign([2.0, 3.0])
+    np.testing.assert_array_equal(replacement.numpy(), [2.0, 3.0])
+
+
+def test_fit_evaluate_predict_use_pinned_step_functions():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    calls = []
+
+    def step(name, result):
+        def function(iterator):
+            batches = list(iterator)
+            if not batches:
+                raise StopIteration
+            calls.append(name)
+            return result
+        return function
+
+    compat.pin_step_functions(
+        model,
+        step("train", {"loss": np.float32(1.0)}),
+        step("test", {"loss": np.float32(2.0)}),
+        step("predict", tf.zeros((4, 1))),
+    )
+    x, y = np.zeros((4, 2), "float32"), np.zeros((4, 1), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    model.predict(x, verbose=0)
+    assert calls == ["train", "test", "predict"]
+
+
+def test_optimizers_create_slots_and_apply_through_the_wrapped_methods():
+    variables = [keras.Variable(np.ones((3,), "float32")),
+                 keras.Variable(np.ones((2, 2), "float32"))]
+    optimizer = keras.optimizers.Adam(0.1)
+    slots, applied = [], []
+    compat.wrap_optimizer(
+        optimizer,
+        on_slot_created=lambda slot, reference: slots.append(
+            (tuple(slot.shape), tuple(reference.shape))
+        ),
+        transform_gradients=lambda grads: applied.append(len(grads)) or [
+            g * 0.0 for g in grads
+        ],
+    )
+    optimizer.build(variables)
+    # Adam: a first and a second moment per variable.
+    assert sorted(slots) == sorted([((3,), (3,)), ((2, 2), (2, 2))] * 2)
+    optimizer.apply_gradients(
+        [(tf.ones((3,)), variables[0]), (tf.ones((2, 2)), variables[1])]
+    )
+    assert applied == [2]
+    # The transformed (zero) gradients were the ones applied.
+    np.testing.assert_allclose(variables[0].numpy(), 1.0)
+
+
+def test_multi_worker_strategy_still_needs_the_elementwise_reduce(tmp_path):
+    # keras-team/keras#20585: MultiWorkerMirroredStrategy cannot reduce a
+    # scalar over axis 0, as Keras' fit asks; our reduce can. When the first
+    # assertion fails, upstream has fixed it and the workaround can go.
+    run_python(textwrap.dedent(
+        """
+        import tensorflow as tf
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        scalar = strategy.run(lambda: tf.constant(2.0))
+        try:
+            strategy.reduce("MEAN", scalar, axis=0)
+        except Exception as error:
+            assert "reduction dimension" in str(error), error
+        else:
+            raise AssertionError("upstream reduces scalars over axis 0 now")
+        from keras_moe import compat
+        compat.elementwise_strategy_reduce(strategy)
+        assert float(strategy.reduce("MEAN", scalar, axis=0)) == 2.0
+        pair = strategy.run(lambda: (tf.constant([1.0, 3.0]), tf.constant(4.0)))
+        vector, number = strategy.reduce("MEAN", pair, axis=0)
+        assert float(vector) == 2.0 and float(number) == 4.0
+        print("DONE")
+        """
+    ), tmp_path, timeout=300)
+
+
+def test_process_mesh_is_remembered():
+    before = compat.claimed_process_mesh()
+    try:
+        compat.claim_process_mesh("mesh-a")
+        assert compat.claimed_process_mesh() == "mesh-a"
+    finally:
+        compat._process_mesh[:] = [] if before is None else [before]
+
+
+@pytest.mark.parametrize("name", ["add_variable_from_reference", "apply"])
+def test_optimizer_methods_keep_their_signatures(name):
+    import inspect
+
+    parameters = list(inspect.signature(
+        getattr(keras.optimizers.Adam(), name)
+    ).parameters)
+    expected = {
+        "add_variable_from_reference": ["reference_variable", "name"],
+        "apply": ["grads", "trainable_variables"],
+    }[name]
+    assert parameters[: len(expected)] == expected
