@@ -29,7 +29,7 @@ setup(
         "bench": ["keras-hub"],
         # The tutorial notebooks and running them under pytest.
         "notebooks": [
-            "tensorflow-text>=2.21,<2.22", "sentencepiece", "matplotlib",
+            "tensorflow-text>=2.21,<2.22", "sentencepiece", "sacrebleu", "matplotlib",
             "nbmake", "ipykernel",
         ],
     },

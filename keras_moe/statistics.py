@@ -31,9 +31,10 @@ def add_accumulator(layer, name, shape):
 
 
 def reset(variables):
-    """Sets every variable to zeros (on every backend)."""
+    """Sets every variable to zeros (on every backend, and keeping the
+    layout of a variable placed on a DTensor mesh)."""
     for variable in variables:
-        variable.assign(ops.zeros(variable.shape, variable.dtype))
+        variable.assign(ops.zeros_like(variable.value))
 
 
 def summarise(tokens_per_expert, importance, load, positions, dropped):

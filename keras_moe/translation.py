@@ -3,7 +3,8 @@
 The data are the sentence pairs of the Ding dictionary shipped by Debian's
 `trans-de-en` package (`/usr/share/trans/de-en`; `apt-get install
 trans-de-en`): lines `german :: english`, with `|` separating aligned
-sub-entries. Pairs where both sides are full sentences are kept.
+sub-entries. Pairs where both sides are full sentences are kept
+(`sentence_pair_filter`, which also counts what it rejects and why).
 
 - `load_sentence_pairs`: the pairs, deterministically shuffled.
 - `train_sentencepiece`: a SentencePiece model trained offline (bytes).
@@ -13,14 +14,14 @@ sub-entries. Pairs where both sides are full sentences are kept.
 - `Translator`: a `tf.Module` that maps raw German strings to English
   strings (tokenised with `tensorflow_text.SentencepieceTokenizer` inside
   the graph, greedy decoding), exportable with `tf.saved_model.save`.
-- `corpus_bleu`: BLEU-4 over a corpus (Papineni et al. 2002).
+- `corpus_bleu`: corpus BLEU by `sacrebleu`.
 
-TensorFlow and tensorflow-text only (the `[notebooks]` extra).
+TensorFlow, tensorflow-text, sentencepiece and sacrebleu (the
+`[notebooks]` extra).
 """
 
 import collections
 import io
-import math
 import os
 import random
 import re
@@ -30,31 +31,61 @@ import keras
 DEFAULT_PATH = "/usr/share/trans/de-en"
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
-_NOT_A_SENTENCE = re.compile(r"[{}\[\]<>/;~]")
+# Usage labels (`[ugs.]`, `[Am.]`, `{f}`): annotations, not text.
+_LABEL = re.compile(r"\s*(\[[^\]]*\]|\{[^}]*\})")
+# Why a sub-entry pair is not used, by kind (see `sentence_pair_filter`).
+REJECTED = {
+    "misaligned": "the two sides have different numbers of `|` sub-entries, "
+                  "so which German goes with which English is unknown",
+    "phrase": "a dictionary phrase, not a sentence: no capital first letter "
+              "or no final `.`, `!` or `?` (e.g. `etw. mit einer Abgabe "
+              "belegen`), on either side",
+    "alternatives": "`/` offers alternative words inside the sentence "
+                    "(`comes/arrives`, `gut / schlecht`); choosing one would "
+                    "mean guessing how far each alternative reaches",
+    "markup": "other dictionary markup (`<`, `>`, `~`) that is not text",
+    "duplicate": "the same pair already appeared",
+}
 
 
-def _is_sentence(text):
-    return (
-        len(text.split()) >= 3
-        and text[0].isupper()
-        and text[-1] in ".!?"
-        and not _NOT_A_SENTENCE.search(text)
-    )
+def _clean(text):
+    """One side of a sub-entry as a sentence: labels dropped, first of the
+    `;`-separated variants (the dictionary's main translation)."""
+    text = _LABEL.sub("", text).split(";")[0]
+    return re.sub(r"\s+([.!?,])", r"\1", re.sub(r"\s+", " ", text)).strip()
 
 
-def load_sentence_pairs(path=DEFAULT_PATH, seed=0):
-    """(german, english) sentence pairs from the Ding dictionary.
+def _rejection(text):
+    """Why `text` (cleaned) is not a usable sentence, or None."""
+    if not text or not text[0].isupper() or text[-1] not in ".!?":
+        return "phrase"
+    if "/" in text:
+        return "alternatives"
+    if re.search(r"[<>~\[\]{}]", text):
+        return "markup"
+    return None
 
-    Keeps aligned sub-entries where both sides start with a capital, end in
-    `.`, `!` or `?`, have at least 3 words and carry no dictionary markup.
-    Returns a list shuffled with `seed` (about 15,000 pairs).
+
+def sentence_pair_filter(path=DEFAULT_PATH):
+    """Every sentence pair of the Ding dictionary, and what was rejected.
+
+    Each line `german :: english` holds `|`-separated aligned sub-entries.
+    A sub-entry pair is kept when, after dropping usage labels (`[ugs.]`,
+    `{f}`) and keeping the first of `;`-separated variants, both sides are
+    sentences (capital first letter, final `.`, `!` or `?`) with no `/`
+    alternatives or other markup. `REJECTED` says why each other kind is
+    left out.
+
+    Returns:
+        `(pairs, rejected)`: sorted list of `(german, english)`, and a
+        `collections.Counter` of rejected sub-entry pairs by kind.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{path} not found: install the dictionary with "
             "`apt-get install trans-de-en`."
         )
-    pairs = set()
+    pairs, rejected = set(), collections.Counter()
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if line.startswith("#") or " :: " not in line:
@@ -62,12 +93,27 @@ def load_sentence_pairs(path=DEFAULT_PATH, seed=0):
             german, english = line.rstrip("\n").split(" :: ", 1)
             germans, englishes = german.split(" | "), english.split(" | ")
             if len(germans) != len(englishes):
+                rejected["misaligned"] += len(germans)
                 continue
             for de, en in zip(germans, englishes):
-                de, en = de.strip(), en.strip()
-                if _is_sentence(de) and _is_sentence(en):
+                de, en = _clean(de), _clean(en)
+                reason = _rejection(de) or _rejection(en)
+                if reason is None and (de, en) in pairs:
+                    reason = "duplicate"
+                if reason:
+                    rejected[reason] += 1
+                else:
                     pairs.add((de, en))
-    pairs = sorted(pairs)
+    return sorted(pairs), rejected
+
+
+def load_sentence_pairs(path=DEFAULT_PATH, seed=0):
+    """(german, english) sentence pairs of the Ding dictionary, shuffled.
+
+    The pairs of `sentence_pair_filter`, shuffled with `seed` (about
+    22,000).
+    """
+    pairs, _ = sentence_pair_filter(path)
     random.Random(seed).shuffle(pairs)
     return pairs
 
@@ -121,6 +167,44 @@ def encode_pairs(pairs, source_model, target_model, max_length):
         return array
 
     return (pad(sources), pad(targets_in)), pad(targets_out)
+
+
+def bucketed_dataset(source, target_in, target_out, batch_size,
+                     boundaries=(8, 12, 16, 20, 24, 32, 48), seed=0):
+    """A shuffled `tf.data.Dataset` of `((source, target_in), target_out)`
+    batches, each padded (with 0) only to its own longest pair.
+
+    Pairs are grouped by length (`boundaries`, in tokens of the longer
+    side), so that every pair can be trained on whatever its length while
+    short ones are not padded to the longest.
+
+    Args:
+        source, target_in, target_out: int32 arrays `[pairs, max_length]`
+            from `encode_pairs` (0 = padding).
+        batch_size: int.
+        boundaries: length buckets.
+        seed: shuffling seed.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    lengths = np.maximum((source > 0).sum(1), (target_out > 0).sum(1))
+
+    def pairs():
+        for i, length in enumerate(lengths):
+            yield ((source[i, :length], target_in[i, :length]),
+                   target_out[i, :length])
+
+    row = tf.TensorSpec([None], tf.int32)
+    dataset = tf.data.Dataset.from_generator(
+        pairs, output_signature=((row, row), row)
+    ).shuffle(len(lengths), seed=seed, reshuffle_each_iteration=True)
+    return dataset.bucket_by_sequence_length(
+        lambda inputs, target: tf.shape(target)[0],
+        bucket_boundaries=list(boundaries),
+        bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
+        pad_to_bucket_boundary=False,
+    ).prefetch(2)
 
 
 def translation_model(
@@ -250,38 +334,15 @@ class Translator:
         return [text.decode("utf-8") for text in result.numpy()]
 
 
-_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+def corpus_bleu(references, hypotheses):
+    """Corpus BLEU (0-100) with one reference per sentence, by `sacrebleu`.
 
-
-def _ngrams(tokens, order):
-    return collections.Counter(
-        tuple(tokens[i : i + order]) for i in range(len(tokens) - order + 1)
-    )
-
-
-def corpus_bleu(references, hypotheses, max_order=4):
-    """Corpus-level BLEU (0-100) with one reference per sentence.
-
-    Words and punctuation are split apart, case kept; clipped n-gram counts
-    of orders 1..`max_order` are summed over the corpus, their precisions
-    combined geometrically, times the brevity penalty.
+    sacrebleu's defaults (13a tokenisation, case kept, BLEU-4 with the
+    brevity penalty), the field's standard, so scores compare with
+    published ones.
     """
+    import sacrebleu
+
     if len(references) != len(hypotheses):
         raise ValueError("references and hypotheses differ in length")
-    matches = [0] * max_order
-    totals = [0] * max_order
-    reference_length = hypothesis_length = 0
-    for reference, hypothesis in zip(references, hypotheses):
-        reference, hypothesis = _TOKEN.findall(reference), _TOKEN.findall(hypothesis)
-        reference_length += len(reference)
-        hypothesis_length += len(hypothesis)
-        for order in range(1, max_order + 1):
-            want = _ngrams(reference, order)
-            got = _ngrams(hypothesis, order)
-            matches[order - 1] += sum(min(c, want[g]) for g, c in got.items())
-            totals[order - 1] += max(len(hypothesis) - order + 1, 0)
-    if min(matches) == 0 or hypothesis_length == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / max_order
-    brevity = min(0.0, 1.0 - reference_length / hypothesis_length)
-    return 100.0 * math.exp(log_precision + brevity)
+    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score

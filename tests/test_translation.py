@@ -16,6 +16,9 @@ Das ist mir egal. :: I don't care.
 Sie liest ein Buch [ugs.]. :: She reads a book.
 kein Satz hier. :: Not a sentence here.
 Wie geht es dir? :: How are you?
+Das war gut / schlecht. :: That was good/bad.
+Bis bald!; Bis dann! :: See you soon!; See you!
+Wie geht es dir? :: How are you?
 """
 
 
@@ -27,13 +30,18 @@ def test_sentence_pairs_keep_aligned_full_sentences(tmp_path):
         ("Ich bin müde.", "I am tired."),
         ("Wir sind müde.", "We are tired."),
         ("Das ist mir egal.", "I don't care."),
+        ("Sie liest ein Buch.", "She reads a book."),  # label dropped
         ("Wie geht es dir?", "How are you?"),
+        ("Bis bald!", "See you soon!"),  # the first variant
     ])
+    _, rejected = translation.sentence_pair_filter(str(path))
+    assert rejected == {"misaligned": 1, "phrase": 3, "alternatives": 1, "duplicate": 1}
+    assert set(rejected) <= set(translation.REJECTED)
     with pytest.raises(FileNotFoundError, match="apt-get install trans-de-en"):
         translation.load_sentence_pairs(str(tmp_path / "missing"))
 
 
-def test_corpus_bleu_against_a_hand_computed_value():
+def test_corpus_bleu_by_sacrebleu_against_a_hand_computed_value():
     reference = "The cat sat on the mat."
     # 1..4-gram precisions 6/7, 4/6, 2/5, 1/4; equal lengths: no brevity penalty
     expected = 100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
