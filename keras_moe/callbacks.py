@@ -23,12 +23,17 @@ class RoutingStatistics(keras.callbacks.Callback):
     At the end of each training epoch it reads each MoE layer's
     `routing_statistics()` (the routing of every training position of the
     epoch, summed over replicas), adds scalars to the epoch's `logs` (so
-    they reach `History`, `CSVLogger` and a `TensorBoard` callback listed
-    after this one) named `<layer>/<statistic>`:
+    they reach `History` and `CSVLogger`) named `<layer>/<statistic>`:
     `importance_cv2`, `load_cv2`, `max_mean_load`, `unused_experts`,
     `dropped_fraction`; keeps the per-expert shares in `self.history`; and,
-    with `log_dir`, writes the shares as a TensorBoard histogram. The
-    statistics are reset at the start of every epoch.
+    with `log_dir`, writes those scalars and the shares (as a histogram) to
+    TensorBoard itself. Give it the `TensorBoard` callback's `log_dir` and
+    the statistics appear beside Keras' own curves whatever the order of
+    the callbacks (a `TensorBoard` callback writes the epoch's `logs` when
+    its turn comes, so without `log_dir` only one listed after this one
+    would see them). The statistics are reset at the start of every epoch.
+    TensorBoard files are written with TensorFlow's summary writer (a
+    dependency of the package) on any Keras backend.
 
     Args:
         log_dir: optional str. Folder for TensorBoard summaries (a
@@ -60,16 +65,14 @@ class RoutingStatistics(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         for layer in moe_layers(self.model):
-            statistics = layer.routing_statistics()
-            self.history.setdefault(layer.name, []).append(statistics)
+            summary = layer.routing_statistics()
+            self.history.setdefault(layer.name, []).append(summary)
             for name in self.SCALARS:
-                logs[f"{layer.name}/{name}"] = float(statistics[name])
+                logs[f"{layer.name}/{name}"] = float(summary[name])
             if self.log_dir:
-                self._write_summaries(layer.name, statistics, epoch)
+                self._write_summaries(layer.name, summary, epoch)
 
     def _write_summaries(self, layer_name, statistics, epoch):
-        if keras.backend.backend() != "tensorflow":
-            return
         import tensorflow as tf
 
         if self._writer is None:

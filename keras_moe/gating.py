@@ -459,15 +459,11 @@ class _GatingBase(compat.PerThreadLosses, keras.layers.Layer):
     ):
         kwargs["autocast"] = False
         super().__init__(**kwargs)
-        self.k = validation.integer("k", k)
-        self.noisy = validation.boolean("noisy", noisy)
-        (
-            self.noise_epsilon,
-            self.importance_weight,
-            self.load_weight,
-        ) = validation.gate_weights(noise_epsilon, importance_weight,
-                                    load_weight)
-        self.seed = validation.seed(seed)
+        arguments = validation.gate_arguments(
+            k, noisy, noise_epsilon, importance_weight, load_weight, seed
+        )
+        for name, value in arguments.items():
+            setattr(self, name, value)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.supports_masking = True

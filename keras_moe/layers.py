@@ -76,22 +76,19 @@ class MixtureOfExpertsBase(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.hidden_units = validation.integer("hidden_units", hidden_units)
-        self.k = validation.integer("k", k)
+        arguments = validation.gate_arguments(
+            k, noisy_gating, noise_epsilon, importance_weight, load_weight,
+            seed, noisy_name="noisy_gating",
+        )
+        for name, value in arguments.items():
+            setattr(self, name, value)
         self.output_units = (
             None if output_units is None
             else validation.integer("output_units", output_units)
         )
-        self.noisy_gating = validation.boolean("noisy_gating", noisy_gating)
-        (
-            self.noise_epsilon,
-            self.importance_weight,
-            self.load_weight,
-        ) = validation.gate_weights(noise_epsilon, importance_weight,
-                                    load_weight)
         self.capacity_factor = validation.optional_number(
             "capacity_factor", capacity_factor, minimum=0.0, exclusive=True
         )
-        self.seed = validation.seed(seed)
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)

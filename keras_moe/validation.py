@@ -87,7 +87,7 @@ def boolean(name, value):
     return bool(value)
 
 
-def seed(value):
+def random_seed(value):
     """A seed: None or an integer >= 0."""
     if value is None:
         return None
@@ -122,13 +122,29 @@ def hierarchy(num_groups, experts_per_group, k):
     return num_groups, experts_per_group, k
 
 
-def gate_weights(noise_epsilon, importance_weight, load_weight):
-    """The gate's float arguments: `noise_epsilon > 0`, weights `>= 0`."""
-    return (
-        number("noise_epsilon", noise_epsilon, minimum=0.0, exclusive=True),
-        number("importance_weight", importance_weight, minimum=0.0),
-        number("load_weight", load_weight, minimum=0.0),
-    )
+def gate_arguments(k, noisy, noise_epsilon, importance_weight, load_weight,
+                   seed, noisy_name="noisy"):
+    """The gate arguments every gate and MoE layer takes, checked.
+
+    `k >= 1`, `noisy` a bool, `noise_epsilon > 0`, the loss weights `>= 0`,
+    `seed` None or an integer `>= 0`.
+
+    Returns:
+        dict argument name -> normalised value (`noisy` under
+        `noisy_name`), to set on the layer.
+    """
+    return {
+        "k": integer("k", k),
+        noisy_name: boolean(noisy_name, noisy),
+        "noise_epsilon": number(
+            "noise_epsilon", noise_epsilon, minimum=0.0, exclusive=True
+        ),
+        "importance_weight": number(
+            "importance_weight", importance_weight, minimum=0.0
+        ),
+        "load_weight": number("load_weight", load_weight, minimum=0.0),
+        "seed": random_seed(seed),
+    }
 
 
 def feature_input(layer, input_shape, input_dtype=None):
