@@ -42,13 +42,15 @@ def import_backend():
         os.dup2(devnull, 2)
         import keras
 
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
+        # TensorFlow too on other backends: the programs use tf.data and
+        # TensorBoard, and it logs the same notices when imported later.
+        import tensorflow as tf
 
-            tf.get_logger().setLevel("ERROR")
-            # Device discovery logs too (cuInit); listing physical devices
-            # does not start the runtime, so virtual devices can still be set.
-            tf.config.list_physical_devices()
+        tf.get_logger().setLevel("ERROR")
+        # Device discovery logs too (cuInit); listing physical devices
+        # does not start the runtime, so virtual devices can still be set.
+        tf.config.list_physical_devices()
+        del keras
     finally:
         os.dup2(saved, 2)
         os.close(devnull)

@@ -53,6 +53,17 @@ def wait_all(processes, timeout=600):
     return outputs
 
 
+def run_module(module, arguments, tmp_path, env_extra=None, timeout=300):
+    """Runs `python -m module arguments...` as `run_python` runs code, but
+    asserts nothing; returns the `subprocess.CompletedProcess` (for exit
+    statuses and error output)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        env=_environment(tmp_path, env_extra), capture_output=True,
+        text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
 def run_python(code, tmp_path, env_extra=None, timeout=900):
     """Runs `code` with the repository importable; asserts it printed DONE.
 

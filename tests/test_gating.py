@@ -237,3 +237,47 @@ def test_hierarchical_inference_gates_against_reference():
 def test_bad_gating_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         gating.NoisyTopKGating(**kwargs)
+
+
+def test_hierarchical_maths_as_pure_functions_against_reference():
+    # The functions the layer composes, called directly with the noise.
+    a, b, k, d, tokens = 3, 4, 2, 5, 17
+    layer = _hierarchical_layer(a, b, k, d, seed=11)
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(tokens, d)).astype("float32")
+    noise = rng.normal(size=(tokens, a)).astype("float32")
+    chosen_noise = rng.normal(size=(tokens, k, b)).astype("float32")
+    kernels = {w.name: w.numpy() for w in layer.trainable_weights}
+    std_p = reference.softplus(x @ kernels["noise_kernel"]) + 1e-2
+    std_g = (reference.softplus(x @ kernels["group_noise_kernel"]) + 1e-2).reshape(tokens, a, b)
+    (weights, indices, importance, primary_load, group_load, positions_per_group,
+     tokens_per_expert) = gating.hierarchical_top_k_gating(
+        (x @ kernels["gate_kernel"]).astype("float32"),
+        (x @ kernels["group_gate_kernel"]).reshape(tokens, a, b).astype("float32"), k,
+        stddev_primary=std_p.astype("float32"), stddev_groups=std_g.astype("float32"),
+        noise_primary=noise, noise_inner=chosen_noise,
+    )
+    load = gating.hierarchical_load(primary_load, group_load, positions_per_group)
+
+    chosen_groups = np.argsort(-(x @ kernels["gate_kernel"] + noise * std_p), axis=1)[:, :k]
+    group_noise = np.zeros((tokens, a, b), "float32")
+    for t in range(tokens):
+        group_noise[t, chosen_groups[t]] = chosen_noise[t]
+    g, want_importance, want_load = reference.hierarchical_gating(
+        x, kernels["gate_kernel"], kernels["noise_kernel"], kernels["group_gate_kernel"],
+        kernels["group_noise_kernel"], a, b, k, noise=noise, group_noise=group_noise,
+    )
+    np.testing.assert_allclose(_dense_from_sparse(weights, indices, a * b), g, atol=1e-5)
+    np.testing.assert_allclose(_np(importance), want_importance, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_np(load), want_load, rtol=1e-4, atol=1e-6)
+    assert float(_np(positions_per_group).sum()) == tokens * k
+    assert float(_np(tokens_per_expert).sum()) == tokens * k * k
+
+
+def test_hierarchical_load_of_a_group_that_received_nothing_is_zero():
+    load = gating.hierarchical_load(
+        np.array([2.0, 0.0], "float32"),
+        np.array([[1.0, 3.0], [0.0, 0.0]], "float32"),
+        np.array([4.0, 0.0], "float32"),
+    )
+    np.testing.assert_allclose(_np(load), [0.5, 1.5, 0.0, 0.0])
