@@ -289,7 +289,8 @@ def machine_description():
 
 COLUMNS = [
     "experts", "config", "forward_ms", "train_ms", "tokens_per_s",
-    "train_ratio_vs_dense", "forward_ratio_vs_dense", "step_peak_mb",
+    "train_ratio_vs_dense", "forward_ratio_vs_dense", "roofline_ms",
+    "ratio_vs_roofline", "step_peak_mb",
     "beyond_weight_grads_mb", "weights_mb", "max_abs_diff_vs_reference",
 ]
 
@@ -346,6 +347,10 @@ def main(argv=None):
 
     import keras
 
+    from benchmarks import roofline
+
+    machine = roofline.measure()
+    print(f"This machine now: {roofline.describe(machine)}", flush=True)
     rows = []
     for num_experts in [int(e) for e in args.experts.split(",")]:
         active = [c for c in configs if _applies(c, num_experts)]
@@ -369,6 +374,12 @@ def main(argv=None):
                 "forward_ratio_vs_dense": forward_s / base[0] if base else None,
                 "max_abs_diff_vs_reference": diff,
             }
+            if config.startswith("moe"):
+                bound = roofline.moe_train_step_bound(
+                    machine, TOKENS, D_MODEL, HIDDEN, K, num_experts
+                )
+                row["roofline_ms"] = bound * 1e3
+                row["ratio_vs_roofline"] = train_s / bound
             if not args.no_memory and config != "dense-xla":
                 memory = measure_memory(config, num_experts)
                 if memory:
@@ -386,8 +397,11 @@ def main(argv=None):
         f"Benchmark of {datetime.date.today().isoformat()} on "
         f"{machine_description()}. Workload: float32, d={D_MODEL}, "
         f"hidden={HIDDEN}, k={K}, N={TOKENS} tokens; medians of {args.reps} "
-        f"interleaved repetitions. Ratios: train/forward time over the "
-        f"`dense` baseline's (`dense-xla`'s for `moe-capacity-xla`). "
+        f"interleaved repetitions; this machine at the start of the run: "
+        f"{roofline.describe(machine)} (`benchmarks/roofline.py`). Ratios: "
+        f"train/forward time over the `dense` baseline's (`dense-xla`'s for "
+        f"`moe-capacity-xla`); `ratio_vs_roofline`: the train step over "
+        f"`roofline_ms`, max(FLOPs / matmul rate, bytes / bandwidth). "
         f"Command: `make bench` (`python -m benchmarks.run`)."
     )
     print()

@@ -10,8 +10,6 @@ TensorFlow is imported inside the functions that need it.
 
 import threading
 
-import keras
-
 
 # Keras layers ------------------------------------------------------------
 

@@ -6,12 +6,10 @@ processes talking over 127.0.0.1).
 """
 
 import json
-import os
 import socket
 import textwrap
 
 import numpy as np
-import pytest
 
 from tests.subprocesses import ROOT
 from tests.subprocesses import run_python

@@ -1,6 +1,5 @@
 """The gating maths against the independent NumPy reference."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
