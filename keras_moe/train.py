@@ -24,6 +24,8 @@ import math
 import os
 import time
 
+from keras_moe import validation
+
 PRESETS = {
     # A few minutes on a 2-core CPU: a slice of PTB, a small model.
     "quick": dict(
@@ -40,37 +42,37 @@ PRESETS = {
 }
 
 
-def _typed(convert, check):
-    """An argparse type: `convert`, then `check` (a message, or None)."""
+def _checked(name, convert, check):
+    """An argparse type: `convert` the text, then `check(name, value)` (a
+    `keras_moe.validation` check, the one the layers use)."""
 
     def parse(text):
         try:
             value = convert(text)
         except ValueError:
+            kind = "an integer" if convert is int else "a number"
             raise argparse.ArgumentTypeError(
-                f"not a{'n integer' if convert is int else ' number'}: {text!r}"
+                f"`{name}` must be {kind}. Received: {name}={text}"
             ) from None
-        problem = check(value)
-        if problem:
-            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
-        return value
+        try:
+            return check(name, value)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse
 
 
-def _at_least(minimum):
-    return _typed(
-        int, lambda v: None if v >= minimum else f"must be >= {minimum}"
+def _count(name, minimum=1):
+    return _checked(
+        name, int, lambda name, value: validation.integer(name, value, minimum)
     )
 
 
-_POSITIVE_NUMBER = _typed(
-    float,
-    lambda v: None if math.isfinite(v) and v > 0 else "must be finite and > 0",
-)
-_PROBABILITY = _typed(
-    float, lambda v: None if 0 <= v < 1 else "must be in [0, 1)"
-)
+def _positive(name):
+    return _checked(
+        name, float,
+        lambda name, value: validation.number(name, value, 0.0, exclusive=True),
+    )
 
 
 def _parser():
@@ -79,25 +81,28 @@ def _parser():
         description="Train the LSTM-MoE language model on Penn Treebank.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
-    parser.add_argument("--experts", type=_at_least(0),
+    parser.add_argument("--experts", type=_count("--experts", 0),
                         help="number of experts (0: dense baseline)")
-    parser.add_argument("--k", type=_at_least(1),
+    parser.add_argument("--k", type=_count("--k"),
                         help="experts per position (per level if hierarchical)")
-    parser.add_argument("--hierarchical", type=_at_least(1), metavar="GROUPS",
+    parser.add_argument("--hierarchical", type=_count("--hierarchical"), metavar="GROUPS",
                         help="hierarchical MoE with this many groups")
-    parser.add_argument("--hidden-units", type=_at_least(1),
+    parser.add_argument("--hidden-units", type=_count("--hidden-units"),
                         help="hidden size of each expert")
-    parser.add_argument("--model-dim", type=_at_least(1),
+    parser.add_argument("--model-dim", type=_count("--model-dim"),
                         help="embedding/LSTM width")
-    parser.add_argument("--epochs", type=_at_least(1))
-    parser.add_argument("--batch-size", type=_at_least(1))
-    parser.add_argument("--seq-len", type=_at_least(1),
+    parser.add_argument("--epochs", type=_count("--epochs"))
+    parser.add_argument("--batch-size", type=_count("--batch-size"))
+    parser.add_argument("--seq-len", type=_count("--seq-len"),
                         help="truncated-BPTT window")
-    parser.add_argument("--learning-rate", type=_POSITIVE_NUMBER)
-    parser.add_argument("--dropout", type=_PROBABILITY)
-    parser.add_argument("--max-tokens", type=_at_least(2),
+    parser.add_argument("--learning-rate", type=_positive("--learning-rate"))
+    parser.add_argument("--dropout", type=_checked(
+        "--dropout", float,
+        lambda name, value: validation.number(name, value, 0.0, below=1.0),
+    ))
+    parser.add_argument("--max-tokens", type=_count("--max-tokens", 2),
                         help="use the first N tokens of each split")
-    parser.add_argument("--capacity-factor", type=_POSITIVE_NUMBER, default=None,
+    parser.add_argument("--capacity-factor", type=_positive("--capacity-factor"), default=None,
                         help="slots per expert relative to a balanced load "
                         "(default: dropless)")
     parser.add_argument(
@@ -108,7 +113,7 @@ def _parser():
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--compare-baseline", action="store_true",
                         help="also train the computationally matched dense baseline")
-    parser.add_argument("--seed", type=_at_least(0), default=0)
+    parser.add_argument("--seed", type=_count("--seed", 0), default=0)
     parser.add_argument("--out", default="runs/lm")
     parser.add_argument("--verbose", default="auto",
                         choices=["auto", "0", "1", "2"],

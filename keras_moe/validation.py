@@ -3,14 +3,14 @@
 Each check raises a `ValueError` (a `TypeError` for a value of the wrong
 kind) that names the argument and the value received, and returns the
 value normalised (NumPy integers become Python ints, so configs stay
-JSON-serialisable). Nothing here imports the rest of the package or a
-backend: the layers, the gates and the command line all use these.
+JSON-serialisable). Nothing here imports the rest of the package, and Keras
+only inside the input checks: the layers, the gates and the command line
+(before it imports the backend) all use these.
 """
 
 import math
 import numbers
 
-import keras
 import numpy as np
 
 
@@ -36,7 +36,7 @@ def integer(name, value, minimum=1):
     return value
 
 
-def number(name, value, minimum=None, exclusive=False):
+def number(name, value, minimum=None, exclusive=False, below=None):
     """A finite real argument (int or float, not bool or str).
 
     Args:
@@ -44,6 +44,7 @@ def number(name, value, minimum=None, exclusive=False):
         value: the value received.
         minimum: optional lower bound.
         exclusive: bool. The bound itself is not allowed.
+        below: optional exclusive upper bound.
 
     Returns:
         float.
@@ -67,6 +68,10 @@ def number(name, value, minimum=None, exclusive=False):
         raise ValueError(
             f"`{name}` must be {relation} {minimum}. Received: "
             f"{name}={value}"
+        )
+    if below is not None and value >= below:
+        raise ValueError(
+            f"`{name}` must be < {below}. Received: {name}={value}"
         )
     return value
 
@@ -164,6 +169,8 @@ def feature_input(layer, input_shape, input_dtype=None):
             f"{layer.__class__.__name__} needs the last (feature) dimension "
             f"of its inputs to be known; received input shape {input_shape}"
         )
+    import keras
+
     if input_dtype is not None and not keras.backend.is_float_dtype(
         input_dtype
     ):
