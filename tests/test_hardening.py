@@ -178,27 +178,6 @@ def test_a_model_predicts_and_serves_empty_sequences(capacity_factor, tmp_path):
     np.testing.assert_allclose(served.serve(tf.constant(tokens)).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_empty_inputs_on_jax(tmp_path):
-    pytest.importorskip("jax")
-    run_python(textwrap.dedent(
-        """
-        import numpy as np
-        import keras_moe
-        for capacity_factor in (None, 2.0):
-            for layer in (
-                keras_moe.MixtureOfExperts(4, 8, capacity_factor=capacity_factor),
-                keras_moe.HierarchicalMixtureOfExperts(2, 2, 8, capacity_factor=capacity_factor),
-            ):
-                for shape in ((0, 5, 6), (2, 0, 6)):
-                    x = np.zeros(shape, "float32")
-                    assert layer(x).shape == shape, layer(x).shape
-                    assert layer(x, training=True).shape == shape
-                    assert all(np.isfinite(float(loss)) for loss in layer.losses)
-        print("DONE")
-        """
-    ), tmp_path, env_extra={"KERAS_BACKEND": "jax"}, timeout=300)
-
-
 # Masks ----------------------------------------------------------------------
 
 
@@ -229,7 +208,7 @@ def test_untrained_hierarchical_moe_spreads_positions_over_every_expert():
 # RoutingStatistics and the command line --------------------------------------
 
 
-def test_routing_statistics_and_reset_on_jax(tmp_path):
+def test_empty_inputs_and_routing_statistics_on_jax(tmp_path):
     pytest.importorskip("jax")
     run_python(textwrap.dedent(
         """
@@ -237,6 +216,20 @@ def test_routing_statistics_and_reset_on_jax(tmp_path):
         import keras
         import keras_moe
         from keras_moe import callbacks
+
+        # No positions: empty outputs, finite losses, both modes.
+        for capacity_factor in (None, 2.0):
+            for layer in (
+                keras_moe.MixtureOfExperts(4, 8, capacity_factor=capacity_factor),
+                keras_moe.HierarchicalMixtureOfExperts(2, 2, 8, capacity_factor=capacity_factor),
+            ):
+                for shape in ((0, 5, 6), (2, 0, 6)):
+                    x = np.zeros(shape, "float32")
+                    assert layer(x).shape == shape, layer(x).shape
+                    assert layer(x, training=True).shape == shape
+                    assert all(np.isfinite(float(loss)) for loss in layer.losses)
+
+        # RoutingStatistics resets and reads the statistics each epoch.
         inputs = keras.Input(shape=(None,), dtype="int32")
         x = keras.layers.Embedding(20, 8)(inputs)
         x = keras_moe.MixtureOfExperts(4, 8, name="moe")(x)
