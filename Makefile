@@ -22,7 +22,7 @@ demo: $(STAMP)
 # The notebooks run in their quick mode (KERAS_MOE_QUICK=1); the committed
 # outputs come from full runs (`make notebooks`).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 	KERAS_MOE_QUICK=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
 
 notebooks: $(STAMP)

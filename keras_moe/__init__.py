@@ -15,6 +15,7 @@ _PUBLIC = {
     "HierarchicalNoisyTopKGating": "gating",
     "MixtureOfExperts": "layers",
     "NoisyTopKGating": "gating",
+    "SoftmaxTopKGating": "gating",
     "cv_squared": "gating",
     "prob_in_top_k": "gating",
 }

@@ -27,7 +27,8 @@ CV_EPSILON = 1e-10
 Routing = collections.namedtuple(
     "Routing",
     ["expert_weights", "expert_indices", "importance", "load",
-     "tokens_per_expert", "num_positions"],
+     "tokens_per_expert", "num_positions", "z_loss"],
+    defaults=(None,),
 )
 Routing.__doc__ = """What a gate decided for a batch.
 
@@ -44,6 +45,8 @@ Attributes:
     tokens_per_expert: float32 tensor `[n]`, unmasked positions routed to
         each expert (global batch).
     num_positions: float32 scalar, unmasked positions (global batch).
+    z_loss: float32 scalar or None: the router z-loss of a softmax router,
+        `mean(logsumexp(logits)^2)` over the unmasked positions.
 """
 
 
@@ -303,6 +306,75 @@ def noisy_top_k_gating(clean_logits, k, stddev=None, noise=None,
             tokens_per_expert)
 
 
+def softmax_top_k_gating(logits, k, normalize=True, positions=None):
+    """A softmax router on one batch (Switch / Mixtral / Qwen style).
+
+    `P(x) = softmax(logits)` over all `n` experts; each position takes its
+    `k` most probable experts, with their probabilities as gate values,
+    renormalised to sum to 1 over the `k` when `normalize`. Exact ties are
+    broken round-robin (`tie_break_offsets`).
+
+    Args:
+        logits: float32 `[N, n]`, `x . W`.
+        k: int.
+        normalize: bool.
+        positions: float32 `[N, 1]` (`position_mask`).
+
+    Returns:
+        `(expert_weights [N, k], expert_indices [N, k],
+        probability_sums [n], tokens_per_expert [n], z_sum)`: the sums of
+        `P(x)` and the numbers of positions that chose each expert, and
+        the sum of `logsumexp(logits)^2`, over the unmasked positions.
+    """
+    num_experts = logits.shape[-1]
+    if positions is None:
+        positions = position_mask(None, ops.shape(logits)[:-1])
+    logits = ops.cast(logits, "float32")
+    probabilities = ops.softmax(logits, axis=-1)
+    # Selected on the logits (softmax keeps their order): an offset below
+    # float32 resolution breaks only exact ties there.
+    _, expert_indices = ops.top_k(logits + tie_break_offsets(logits), k=k)
+    expert_indices = ops.cast(expert_indices, "int32")
+    expert_weights = ops.take_along_axis(probabilities, expert_indices, axis=-1)
+    if normalize:
+        expert_weights = expert_weights / ops.sum(
+            expert_weights, axis=-1, keepdims=True
+        )
+    expert_weights = expert_weights * positions
+    probability_sums = ops.sum(probabilities * positions, axis=0)
+    tokens_per_expert = assignments_per_expert(
+        positions, expert_indices, num_experts
+    )
+    z_sum = ops.sum(
+        ops.square(ops.logsumexp(logits, axis=-1)) * positions[:, 0]
+    )
+    return (expert_weights, expert_indices, probability_sums,
+            tokens_per_expert, z_sum)
+
+
+def load_balancing_loss(tokens_per_expert, probability_sums, num_positions):
+    """`E * sum_i (c_i / N) * P_i`, the softmax router's balancing loss.
+
+    `c_i` positions chose expert `i` among their k, `P_i` is the mean
+    router probability of expert `i`, over `N` positions. It equals `k` at
+    perfect balance (as keras-hub's and the common Mixtral loss do) and
+    grows as the routing concentrates.
+
+    Args:
+        tokens_per_expert: float32 `[n]`, `c`.
+        probability_sums: float32 `[n]`, `N * P`.
+        num_positions: float32 scalar `N` (0 gives 0).
+
+    Returns:
+        float32 scalar.
+    """
+    num_experts = tokens_per_expert.shape[-1]
+    positions = ops.maximum(num_positions, 1.0)
+    return num_experts * ops.sum(
+        tokens_per_expert * probability_sums
+    ) / ops.square(positions)
+
+
 def hierarchical_top_k_gating(clean_primary, clean_groups, k,
                               stddev_primary=None, stddev_groups=None,
                               noise_primary=None, noise_inner=None,
@@ -436,34 +508,21 @@ seed: int >= 0 or None. Seed of the gating noise. Defaults to None."""
     return "\n".join(pad + line for line in text.splitlines())
 
 
-class _GatingBase(compat.PerThreadLosses, keras.layers.Layer):
-    """What the flat and hierarchical gates share: arguments, loss, state.
+class _RouterBase(compat.PerThreadLosses, keras.layers.Layer):
+    """What every gate shares: state, statistics, the call, the specs.
 
     Gates compute in float32 whatever the dtype policy (routing decisions
     and the balancing losses are fragile in float16), so they never
     autocast their variables. Each replica of a mirrored strategy keeps
     its own losses (`compat.PerThreadLosses`): the cross-replica sum in
-    `route` hands control to the other replicas mid-call.
+    `route` hands control to the other replicas mid-call. Subclasses set
+    `k` and `seed`, implement `route` and `_balancing_loss`.
     """
 
-    def __init__(
-        self,
-        k=2,
-        noisy=True,
-        noise_epsilon=1e-2,
-        importance_weight=0.1,
-        load_weight=0.1,
-        seed=None,
-        kernel_initializer="zeros",
-        **kwargs,
-    ):
+    def __init__(self, seed=None, kernel_initializer="zeros", **kwargs):
         kwargs["autocast"] = False
         super().__init__(**kwargs)
-        arguments = validation.gate_arguments(
-            k, noisy, noise_epsilon, importance_weight, load_weight, seed
-        )
-        for name, value in arguments.items():
-            setattr(self, name, value)
+        self.seed = validation.random_seed(seed)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed_generator = keras.random.SeedGenerator(self.seed)
         self.supports_masking = True
@@ -563,15 +622,14 @@ class _GatingBase(compat.PerThreadLosses, keras.layers.Layer):
         routing = self.route(inputs, training=training, mask=mask)
         if training:
             self._record_statistics(routing)
-        if training and (self.importance_weight or self.load_weight):
-            loss = balancing_loss(
-                routing.importance,
-                routing.load,
-                self.importance_weight,
-                self.load_weight,
-            )
-            self.add_loss(loss)
+            loss = self._balancing_loss(routing)
+            if loss is not None:
+                self.add_loss(loss)
         return routing.expert_weights, routing.expert_indices
+
+    def _balancing_loss(self, routing):
+        """The loss to add while training (a float32 scalar), or None."""
+        raise NotImplementedError
 
     def compute_output_shape(self, input_shape):
         shape = tuple(input_shape)[:-1] + (self.experts_per_position,)
@@ -591,15 +649,55 @@ class _GatingBase(compat.PerThreadLosses, keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(),
+            "seed": self.seed,
+            "kernel_initializer": keras.initializers.serialize(
+                self.kernel_initializer
+            ),
+        }
+
+
+class _GatingBase(_RouterBase):
+    """The paper's gates (flat and hierarchical): noisy top-k arguments and
+    the `w_importance CV(Importance)^2 + w_load CV(Load)^2` loss."""
+
+    def __init__(
+        self,
+        k=2,
+        noisy=True,
+        noise_epsilon=1e-2,
+        importance_weight=0.1,
+        load_weight=0.1,
+        seed=None,
+        kernel_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(
+            seed=seed, kernel_initializer=kernel_initializer, **kwargs
+        )
+        arguments = validation.gate_arguments(
+            k, noisy, noise_epsilon, importance_weight, load_weight, seed
+        )
+        for name, value in arguments.items():
+            setattr(self, name, value)
+
+    def _balancing_loss(self, routing):
+        if not (self.importance_weight or self.load_weight):
+            return None
+        return balancing_loss(
+            routing.importance,
+            routing.load,
+            self.importance_weight,
+            self.load_weight,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
             "k": self.k,
             "noisy": self.noisy,
             "noise_epsilon": self.noise_epsilon,
             "importance_weight": self.importance_weight,
             "load_weight": self.load_weight,
-            "seed": self.seed,
-            "kernel_initializer": keras.initializers.serialize(
-                self.kernel_initializer
-            ),
         }
 
 
@@ -728,6 +826,146 @@ class NoisyTopKGating(_GatingBase):
 
     def get_config(self):
         return {**super().get_config(), "num_experts": self.num_experts}
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class SoftmaxTopKGating(_RouterBase):
+    """Softmax top-k router (Switch Transformer, Mixtral, Qwen-MoE).
+
+    For each position `x`: probabilities `P(x) = softmax(x . gate_kernel)`
+    over all experts; the `k` most probable experts are chosen, with their
+    probabilities as gate values, renormalised over the `k` when
+    `normalize`. While training it adds
+
+    - `load_balance_weight * E * sum_i (c_i / N) * P_i`, with `c_i` the
+      unmasked positions that chose expert `i` among their `k`, `N` the
+      unmasked positions and `P_i` the mean probability of expert `i`
+      (`load_balancing_loss`; `k` at perfect balance), and
+    - `z_loss_weight * mean(logsumexp(x . gate_kernel)^2)` (the ST-MoE
+      router z-loss, which keeps the logits small),
+
+    both over the global batch under a `tf.distribute` strategy. With
+    `jitter > 0` the inputs are multiplied by `U(1 - jitter, 1 + jitter)`
+    noise while training (Switch); at inference nothing is random, so an
+    export holds no random op. Float32 whatever the dtype policy. The
+    kernel starts at zero, so the untrained router spreads tied positions
+    round-robin.
+
+    Args:
+        num_experts: int >= 1. Number of experts `E`.
+        k: int, `1 <= k <= num_experts`. Experts per position. Defaults
+            to 2.
+        normalize: bool. Renormalise the `k` gate values to sum to 1.
+            Defaults to True (Mixtral; Switch with `k=1` and Qwen use
+            False).
+        load_balance_weight: float >= 0. Defaults to 0.01.
+        z_loss_weight: float >= 0. Defaults to 0.
+        jitter: float in [0, 1). Input jitter while training. Defaults to
+            0.
+        seed: int >= 0 or None. Seed of the jitter. Defaults to None.
+        kernel_initializer: initializer of `gate_kernel [d, E]`. Defaults
+            to `"zeros"`.
+        **kwargs: base `keras.layers.Layer` arguments.
+
+    Call arguments:
+        inputs: float tensor `[..., d]`, rank >= 2.
+        training: bool. Jitter and the losses only when True.
+        mask: optional bool tensor `[...]`. Masked positions get zero gate
+            values and count nowhere.
+
+    Returns:
+        `(expert_weights, expert_indices)`: float32 `[..., k]` and int32
+        `[..., k]`.
+    """
+
+    def __init__(self, num_experts, k=2, normalize=True,
+                 load_balance_weight=0.01, z_loss_weight=0.0, jitter=0.0,
+                 seed=None, kernel_initializer="zeros", **kwargs):
+        super().__init__(
+            seed=seed, kernel_initializer=kernel_initializer, **kwargs
+        )
+        self.num_experts, self.k = validation.experts_and_k(num_experts, k)
+        self.normalize = validation.boolean("normalize", normalize)
+        self.load_balance_weight = validation.number(
+            "load_balance_weight", load_balance_weight, minimum=0.0
+        )
+        self.z_loss_weight = validation.number(
+            "z_loss_weight", z_loss_weight, minimum=0.0
+        )
+        self.jitter = validation.number("jitter", jitter, 0.0, below=1.0)
+
+    @property
+    def num_routed_experts(self):
+        return self.num_experts
+
+    @property
+    def experts_per_position(self):
+        return self.k
+
+    def build(self, input_shape):
+        validation.feature_input(self, input_shape)
+        input_dim = input_shape[-1]
+        self.gate_kernel = self._add_kernel(
+            "gate_kernel", input_dim, self.num_experts
+        )
+        self._build_statistics()
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=2, axes={-1: input_dim}
+        )
+
+    def route(self, inputs, training=None, mask=None):
+        """Routes a batch; returns a `Routing`.
+
+        `importance` holds the summed router probabilities `N * P`,
+        `load` and `tokens_per_expert` the positions per expert `c`, and
+        `z_loss` the router z-loss, all over the global batch.
+        """
+        features, positions, leading_shape = self._gate_inputs(inputs, mask)
+        if training and self.jitter:
+            features = features * keras.random.uniform(
+                ops.shape(features), 1.0 - self.jitter, 1.0 + self.jitter,
+                seed=self.seed_generator,
+            )
+        (expert_weights, expert_indices, probability_sums, tokens_per_expert,
+         z_sum) = softmax_top_k_gating(
+            ops.matmul(features, self.gate_kernel), self.k, self.normalize,
+            positions,
+        )
+        probability_sums, tokens_per_expert, z_sum, num_positions = (
+            replicas.global_batch_sums(
+                [probability_sums, tokens_per_expert, z_sum,
+                 ops.sum(positions)]
+            )
+        )
+        return Routing(
+            ops.reshape(expert_weights, leading_shape + (self.k,)),
+            ops.reshape(expert_indices, leading_shape + (self.k,)),
+            probability_sums,
+            tokens_per_expert,
+            tokens_per_expert,
+            num_positions,
+            z_sum / ops.maximum(num_positions, 1.0),
+        )
+
+    def _balancing_loss(self, routing):
+        if not (self.load_balance_weight or self.z_loss_weight):
+            return None
+        loss = self.load_balance_weight * load_balancing_loss(
+            routing.tokens_per_expert, routing.importance,
+            routing.num_positions,
+        )
+        return ops.cast(loss + self.z_loss_weight * routing.z_loss, "float32")
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_experts": self.num_experts,
+            "k": self.k,
+            "normalize": self.normalize,
+            "load_balance_weight": self.load_balance_weight,
+            "z_loss_weight": self.z_loss_weight,
+            "jitter": self.jitter,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")

@@ -377,11 +377,18 @@ class MixtureOfExperts(MixtureOfExpertsBase):
     are stored stacked, expert axis first: `expert_hidden_kernel`
     `[E, d, h]`, `expert_hidden_bias` `[E, h]`, `expert_output_kernel`
     `[E, h, d_out]`, `expert_output_bias` `[E, d_out]`. `layer.gating` is
-    the gate.
+    the gate, whichever router it is.
 
     Args:
         num_experts: int >= 1. Number of experts `E`.
         hidden_units: int >= 1. Hidden size `h` of each expert.
+        router: `"noisy_top_k"` (default: the paper's `NoisyTopKGating`,
+            configured by the gate arguments below), `"softmax_top_k"` (a
+            `SoftmaxTopKGating` with its defaults and this layer's `k` and
+            `seed`; the noisy-gate arguments are then unused), or a gating
+            layer instance over `num_experts` experts (e.g.
+            `SoftmaxTopKGating(E, k=1, normalize=False)`), whose own `k`
+            then counts.
 """ + _arguments_doc(
         "Experts chosen per position, `1 <= k <= num_experts`."
     ) + """
@@ -392,21 +399,62 @@ class MixtureOfExperts(MixtureOfExpertsBase):
     (2, 5, 16)
     """
 
-    def __init__(self, num_experts, hidden_units, k=2, **kwargs):
+    ROUTERS = ("noisy_top_k", "softmax_top_k")
+
+    def __init__(self, num_experts, hidden_units, k=2, router="noisy_top_k",
+                 **kwargs):
         super().__init__(hidden_units, k=k, **kwargs)
         self._num_experts, self.k = validation.experts_and_k(num_experts, k)
+        if isinstance(router, dict):
+            router = keras.saving.deserialize_keras_object(router)
+        if isinstance(router, str):
+            if router not in self.ROUTERS:
+                raise ValueError(
+                    f"`router` must be one of {self.ROUTERS} or a gating "
+                    f"layer. Received: router={router!r}"
+                )
+        elif not all(
+            hasattr(router, name)
+            for name in ("route", "num_routed_experts", "experts_per_position")
+        ):
+            raise TypeError(
+                "`router` must be one of "
+                f"{self.ROUTERS} or a gating layer (e.g. "
+                "keras_moe.SoftmaxTopKGating). Received: "
+                f"router={router!r}"
+            )
+        elif router.num_routed_experts != self._num_experts:
+            raise ValueError(
+                f"`router` routes over {router.num_routed_experts} experts "
+                f"but num_experts={self._num_experts}."
+            )
+        self.router = router
 
     @property
     def num_experts(self):
         return self._num_experts
 
     def _make_gating(self):
+        if not isinstance(self.router, str):
+            return self.router
+        if self.router == "softmax_top_k":
+            return gating_lib.SoftmaxTopKGating(
+                self._num_experts, k=self.k, seed=self.seed,
+                dtype=self.dtype_policy, name="gating",
+            )
         return gating_lib.NoisyTopKGating(
             self._num_experts, **self._gating_kwargs()
         )
 
     def get_config(self):
-        return {**super().get_config(), "num_experts": self._num_experts}
+        router = self.router
+        if not isinstance(router, str):
+            router = keras.saving.serialize_keras_object(router)
+        return {
+            **super().get_config(),
+            "num_experts": self._num_experts,
+            "router": router,
+        }
 
 
 @keras.saving.register_keras_serializable(package="keras_moe")

@@ -130,3 +130,31 @@ def moe_output(x, dense_gates, hidden_kernel, hidden_bias, output_kernel, output
     """y = sum_i G(x)_i E_i(x). x [N, d], dense_gates [N, E]."""
     outputs = experts_dense(x, hidden_kernel, hidden_bias, output_kernel, output_bias)
     return np.einsum("ne,eno->no", dense_gates, outputs)
+
+
+def softmax_router(logits, k, normalize=True, mask=None):
+    """The softmax top-k router (issue 14's definition), densely.
+
+    Returns `(gates [N, E], balance_loss, z_loss)`: `balance_loss =
+    E * sum_i (c_i / N) * P_i` and `z_loss = mean(logsumexp(logits)^2)`
+    over the unmasked positions.
+    """
+    logits = np.asarray(logits, np.float64)
+    n, e = logits.shape
+    keep = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+    shifted = logits - logits.max(-1, keepdims=True)
+    p = np.exp(shifted) / np.exp(shifted).sum(-1, keepdims=True)
+    gates = np.zeros_like(p)
+    chosen = np.zeros_like(p)
+    for t in range(n):
+        top = np.argsort(-p[t], kind="stable")[:k]
+        values = p[t, top] / (p[t, top].sum() if normalize else 1.0)
+        if keep[t]:
+            gates[t, top] = values
+            chosen[t, top] = 1.0
+    count = max(keep.sum(), 1)
+    c, mean_p = chosen.sum(0), p[keep].sum(0) / count
+    balance = e * np.sum(c / count * mean_p)
+    lse = np.log(np.exp(shifted).sum(-1)) + logits.max(-1)
+    z = np.sum(lse[keep] ** 2) / count
+    return gates, balance, z

@@ -280,3 +280,63 @@ def test_hierarchical_load_of_a_group_that_received_nothing_is_zero():
         np.array([4.0, 0.0], "float32"),
     )
     np.testing.assert_allclose(_np(load), [0.5, 1.5, 0.0, 0.0])
+
+
+# The softmax top-k router -----------------------------------------------------
+
+
+def _softmax_router(num_experts, k, d, seed=0, **kwargs):
+    layer = gating.SoftmaxTopKGating(num_experts, k=k, **kwargs)
+    return layer_checks.randomise_weights(layer, seed, scale=1.0, input_shape=(None, d))
+
+
+@pytest.mark.parametrize("k,normalize", [(1, False), (2, True), (2, False), (3, True)])
+def test_softmax_router_gates_and_losses_against_reference(k, normalize):
+    layer = _softmax_router(6, k, 5, seed=k, normalize=normalize,
+                            load_balance_weight=0.5, z_loss_weight=0.25)
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(2, 7, 5)).astype("float32")
+    mask = rng.random((2, 7)) < 0.8
+    weights, indices = layer(x, training=True, mask=mask)
+    gates, balance, z = reference.softmax_router(
+        x.reshape(14, 5) @ layer.gate_kernel.numpy(), k, normalize, mask.ravel()
+    )
+    np.testing.assert_allclose(
+        _dense_from_sparse(weights, indices, 6).reshape(14, 6), gates, atol=1e-5
+    )
+    (loss,) = layer.losses
+    np.testing.assert_allclose(_np(loss), 0.5 * balance + 0.25 * z, rtol=1e-5)
+    # At inference: the same gates, no loss.
+    weights, indices = layer(x, training=False, mask=mask)
+    np.testing.assert_allclose(
+        _dense_from_sparse(weights, indices, 6).reshape(14, 6), gates, atol=1e-5
+    )
+    assert layer.losses == []
+
+
+def test_softmax_balance_loss_is_k_at_perfect_balance():
+    # Uniform probabilities and every expert chosen equally often.
+    tokens = np.full((4,), 8.0, "float32")  # 16 positions, k = 2, 4 experts
+    probability_sums = np.full((4,), 4.0, "float32")
+    loss = gating.load_balancing_loss(tokens, probability_sums, np.float32(16.0))
+    np.testing.assert_allclose(_np(loss), 2.0, rtol=1e-6)
+
+
+def test_softmax_router_jitter_only_while_training_and_gradients_reach_the_kernel():
+    layer = _softmax_router(8, 2, 4, seed=3, jitter=0.5, z_loss_weight=1e-2)
+    x = np.random.default_rng(3).normal(size=(64, 4)).astype("float32")
+    first, second = (_np(layer(x, training=False)[1]) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+    assert (_np(layer(x, training=True)[1]) != first).any()
+    with tf.GradientTape() as tape:
+        layer(x, training=True)
+        loss = layer.losses[0]
+    (grad,) = tape.gradient(loss, [layer.gate_kernel])
+    assert np.abs(grad.numpy()).max() > 1e-6
+
+
+def test_untrained_softmax_router_spreads_ties_round_robin():
+    layer = gating.SoftmaxTopKGating(4, k=2)
+    weights, indices = layer(np.ones((6, 8), "float32"))
+    np.testing.assert_allclose(_np(weights), 0.5)
+    np.testing.assert_array_equal(_np(indices), [[r % 4, (r + 1) % 4] for r in range(6)])

@@ -331,3 +331,36 @@ def test_cli_exits_0_after_a_good_run(backend, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "moe_lm" in result.stdout and "Traceback" not in result.stderr
     assert result.stderr.strip() == "", result.stderr[-3000:]
+
+
+# The softmax router and the `router` argument ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "argument,value,error,words",
+    [
+        ("num_experts", np.float64(4), TypeError, "`num_experts` must be an integer"),
+        ("k", 9, ValueError, "`k` must be <= `num_experts`"),
+        ("k", True, TypeError, "`k` must be an integer"),
+        ("normalize", 1, TypeError, "`normalize` must be True or False"),
+        ("load_balance_weight", -0.01, ValueError, "load_balance_weight=-0.01"),
+        ("z_loss_weight", float("nan"), ValueError, "`z_loss_weight` must be finite"),
+        ("jitter", 1.0, ValueError, "`jitter` must be < 1.0"),
+        ("jitter", -0.1, ValueError, "`jitter` must be >= 0.0"),
+        ("seed", "1", TypeError, "`seed` must be an integer"),
+    ],
+)
+def test_softmax_router_arguments_are_checked(argument, value, error, words):
+    kwargs = dict(num_experts=8, k=2)
+    with pytest.raises(error) as raised:
+        keras_moe.SoftmaxTopKGating(**{**kwargs, argument: value})
+    assert words in str(raised.value)
+
+
+def test_router_argument_is_checked():
+    with pytest.raises(ValueError, match="`router` must be one of"):
+        keras_moe.MixtureOfExperts(8, 4, router="switch")
+    with pytest.raises(TypeError, match="`router` must be one of"):
+        keras_moe.MixtureOfExperts(8, 4, router=keras.layers.Dense(8))
+    with pytest.raises(ValueError, match="routes over 6 experts but num_experts=8"):
+        keras_moe.MixtureOfExperts(8, 4, router=keras_moe.SoftmaxTopKGating(6))

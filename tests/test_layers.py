@@ -259,3 +259,18 @@ def test_expert_kernels_are_initialised_per_expert():
     # glorot_uniform of one [128, 256] kernel: std sqrt(2 / (128 + 256)).
     std = layer.expert_hidden_kernel.numpy().std()
     np.testing.assert_allclose(std, np.sqrt(2.0 / 384), rtol=0.02)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 8.0])
+def test_softmax_router_moe_equals_the_dense_mixture_of_its_gates(capacity_factor):
+    router = gating.SoftmaxTopKGating(6, k=3, normalize=False)
+    layer = keras_moe.MixtureOfExperts(6, 10, router=router, capacity_factor=capacity_factor)
+    layer_checks.randomise_weights(layer, seed=8, input_shape=(None, 7))
+    assert layer.gating is router
+    x = np.random.default_rng(8).normal(size=(20, 7)).astype("float32")
+    gates, _, _ = reference.softmax_router(x @ router.gate_kernel.numpy(), 3, normalize=False)
+    expected = reference.moe_output(x, gates, *layer_checks.expert_arrays(layer))
+    np.testing.assert_allclose(_np(layer(x)), expected, rtol=1e-4, atol=1e-5)
+    layer(x, training=True)
+    assert len(layer.losses) == 1  # the router's balancing loss
+    assert layer.routing_statistics()["positions"] == 20.0
