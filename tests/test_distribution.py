@@ -67,6 +67,8 @@ def test_mirrored_balancing_loss_and_gate_gradients_are_those_of_the_global_batc
         makers = [
             lambda: keras_moe.MixtureOfExperts(8, 16, noisy_gating=False, importance_weight=0.3, load_weight=0.7),
             lambda: keras_moe.HierarchicalMixtureOfExperts(2, 4, 16, noisy_gating=False),
+            lambda: keras_moe.MixtureOfExperts(8, 16, router=keras_moe.SoftmaxTopKGating(
+                8, k=2, load_balance_weight=0.5, z_loss_weight=0.1)),
         ]
         for make in makers:
             with strategy.scope():

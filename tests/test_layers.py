@@ -243,10 +243,18 @@ def test_every_public_layer_passes_the_shared_checks(case, tmp_path):
     layer_checks.check_public_layer(case, tmp_path)
 
 
-def test_every_public_layer_passes_the_shared_checks_on_jax(tmp_path):
+def test_the_moe_layers_pass_the_shared_checks_on_jax(tmp_path):
+    # The two MoE layers (their gates inside them): every check, gradients
+    # by jax.grad of the stateless call included. One process, as JAX
+    # compiles every layer anew.
+    cases = [
+        case for case, (cls, kwargs, *_) in enumerate(layer_checks.public_layer_cases())
+        if cls.__name__.endswith("MixtureOfExperts") and "capacity_factor" not in kwargs
+    ]
+    assert len(cases) == 2
     run_python(
         "from tests import layer_checks\n"
-        "for case in range(len(layer_checks.public_layer_cases())):\n"
+        f"for case in {cases!r}:\n"
         f"    layer_checks.check_public_layer(case, {str(tmp_path)!r})\n"
         "print('DONE')\n",
         tmp_path, env_extra={"KERAS_BACKEND": "jax"}, timeout=600,
