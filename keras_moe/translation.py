@@ -199,11 +199,20 @@ def bucketed_dataset(source, target_in, target_out, batch_size,
     dataset = tf.data.Dataset.from_generator(
         pairs, output_signature=((row, row), row)
     ).shuffle(len(lengths), seed=seed, reshuffle_each_iteration=True)
-    return dataset.bucket_by_sequence_length(
+    dataset = dataset.bucket_by_sequence_length(
         lambda inputs, target: tf.shape(target)[0],
         bucket_boundaries=list(boundaries),
         bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
         pad_to_bucket_boundary=False,
+    )
+    # Which bucket a pair falls in depends on its length only, so the
+    # number of batches is the same every epoch; stating it lets Keras
+    # count steps (a generator's dataset has unknown cardinality).
+    bucket = np.searchsorted(np.asarray(boundaries), lengths, side="right")
+    batches = int(sum(-(-int(count) // batch_size)
+                      for count in np.bincount(bucket) if count))
+    return dataset.apply(
+        tf.data.experimental.assert_cardinality(batches)
     ).prefetch(2)
 
 
