@@ -1,7 +1,10 @@
 """MoE layer benchmark: `python -m benchmarks.run` (`make bench`).
 
-Workload (issue 3): float32, d=256, hidden_units=1024, k=2, N=4096 tokens
-(16 sequences of 256), E in {4, 16, 64, 256, 1024}. For each E, in one
+Workload (issue 3): float32, d=256, hidden_units=1024, k=2, E in {4, 16,
+64, 256, 1024}, in two regimes (`--regimes`): `fixed`, N=4096 tokens (16
+sequences of 256) at every E, and `paper`, N = 64 E tokens (E/4 sequences:
+about 128 rows per expert, as when the batch grows with the experts; timed
+only, no memory probe and no dense-only configurations). For each E, in one
 process and interleaved (each repetition times every configuration once),
 median of `--reps` repetitions after two warm-up calls, inside
 `tf.function`:
@@ -9,7 +12,9 @@ median of `--reps` repetitions after two warm-up calls, inside
 - `dense`: the baseline, `Dense(k*hidden, relu) -> Dense(d)` on the same
   tokens (the paper's computationally matched "MoE-1-Wide"); `dense-xla`
   the same with `jit_compile=True`, the baseline of the XLA row.
-- `moe-dropless`: `MixtureOfExperts(capacity_factor=None)`.
+- `moe-dropless`: `MixtureOfExperts(capacity_factor=None)`;
+  `moe-dropless-one-capacity` the same with capacity classes switched off
+  (every expert padded to the busiest one).
 - `moe-capacity-xla`: `MixtureOfExperts(capacity_factor=1.25)`,
   `jit_compile=True`.
 - `all-experts`: every expert on every token, weighted by the gates (what
@@ -53,20 +58,21 @@ CONFIGS = [
     "dense",
     "dense-xla",
     "moe-dropless",
+    "moe-dropless-one-capacity",
     "moe-capacity-xla",
     "all-experts",
     "keras-hub-mixtral",
 ]
 
 
-def _applies(config, num_experts):
+def _applies(config, num_experts, regime="fixed"):
     if config in ("all-experts", "keras-hub-mixtral"):
-        return num_experts <= DENSE_ONLY_LIMIT
+        return regime == "fixed" and num_experts <= DENSE_ONLY_LIMIT
     return True
 
 
-def build(config, num_experts):
-    """Returns (layer, forward(x) -> y, weights, jit_compile)."""
+def build(config, num_experts, batch=BATCH):
+    """Returns (layer, forward(x) -> y, jit_compile), for `batch` sequences."""
     import keras
     from keras import ops
 
@@ -92,13 +98,13 @@ def build(config, num_experts):
             hidden_dim=D_MODEL, intermediate_dim=HIDDEN, num_experts=num_experts,
             top_k=K,
         )
-        layer.build((BATCH, LENGTH, D_MODEL))
+        layer.build((batch, LENGTH, D_MODEL))
         return layer, lambda x, training: layer(x, training=training)[0], False
     capacity_factor = 1.25 if config == "moe-capacity-xla" else None
     layer = keras_moe.MixtureOfExperts(
         num_experts, HIDDEN, k=K, seed=0, capacity_factor=capacity_factor
     )
-    layer.build((BATCH, LENGTH, D_MODEL))
+    layer.build((batch, LENGTH, D_MODEL))
     # A trained router, not the zero initialisation: with zero kernels every
     # position ties and inference sends them all to experts 0..k-1.
     layer.gating.gate_kernel.assign(
@@ -119,16 +125,29 @@ def build(config, num_experts):
             return ops.reshape(y, ops.shape(x))
 
         return layer, forward, False
+    if config == "moe-dropless-one-capacity":
+
+        def forward(x, training):
+            # Traced with capacity classes switched off: every expert
+            # padded to the busiest one, as before classes.
+            saved = dispatch.CLASSES_MIN_ROWS
+            dispatch.CLASSES_MIN_ROWS = float("inf")
+            try:
+                return layer(x, training=training)
+            finally:
+                dispatch.CLASSES_MIN_ROWS = saved
+
+        return layer, forward, False
     return layer, lambda x, training: layer(x, training=training), (
         config == "moe-capacity-xla"
     )
 
 
-def step_functions(layer, forward, jit_compile):
+def step_functions(layer, forward, jit_compile, batch=BATCH):
     import tensorflow as tf
 
     probe = tf.constant(
-        tf.random.stateless_normal((BATCH, LENGTH, D_MODEL), seed=(1, 2))
+        tf.random.stateless_normal((batch, LENGTH, D_MODEL), seed=(1, 2))
     )
 
     @tf.function(jit_compile=jit_compile)
@@ -163,20 +182,20 @@ def _block(result):
         tf.reshape(tensor, (-1,))[:1].numpy()
 
 
-def time_configs(num_experts, configs, reps):
+def time_configs(num_experts, configs, reps, batch=BATCH):
     """Interleaved timings: {config: (forward_s, train_s, max_abs_diff)}."""
     import numpy as np
     import tensorflow as tf
 
     x = tf.constant(
-        tf.random.stateless_normal((BATCH, LENGTH, D_MODEL), seed=(0, 1))
+        tf.random.stateless_normal((batch, LENGTH, D_MODEL), seed=(0, 1))
     )
     steps = {}
     layers = {}
     for config in configs:
-        layer, forward, jit_compile = build(config, num_experts)
+        layer, forward, jit_compile = build(config, num_experts, batch)
         layers[config] = layer
-        steps[config] = step_functions(layer, forward, jit_compile)
+        steps[config] = step_functions(layer, forward, jit_compile, batch)
     # The reference shares our layer's weights.
     if "all-experts" in layers and "moe-dropless" in layers:
         for source, target in zip(
@@ -237,7 +256,7 @@ def memory_probe(config, num_experts):
     layer, forward, jit_compile = build(config, num_experts)
     _, train_step = step_functions(layer, forward, jit_compile)
     x = tf.constant(
-        tf.random.stateless_normal((BATCH, LENGTH, D_MODEL), seed=(0, 1))
+        tf.random.stateless_normal((batch, LENGTH, D_MODEL), seed=(0, 1))
     )
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in layer.weights)
     _block(train_step(x))  # trace and compile outside the measurement
@@ -294,7 +313,7 @@ def machine_description():
 
 
 COLUMNS = [
-    "experts", "config", "forward_ms", "train_ms", "tokens_per_s",
+    "experts", "tokens", "config", "forward_ms", "train_ms", "tokens_per_s",
     "train_ratio_vs_dense", "forward_ratio_vs_dense", "roofline_ms",
     "ratio_vs_roofline", "step_peak_mb",
     "beyond_weight_grads_mb", "weights_mb", "max_abs_diff_vs_reference",
@@ -309,17 +328,32 @@ def _format(value):
     return str(value)
 
 
-def write_tables(rows, header, out_dir):
+TABLE_TITLES = {
+    "fixed": "N = 4,096 tokens at every expert count (the issue-3 workload)",
+    "paper": "The paper's regime: N = 64 E tokens (about 128 rows per expert)",
+}
+
+
+def write_tables(tables, header, out_dir):
+    """Writes `latest.csv` and `latest.md`; `tables` is [(regime, rows)]."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "latest.csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=["regime"] + COLUMNS)
         writer.writeheader()
+        for regime, rows in tables:
+            for row in rows:
+                writer.writerow(
+                    {"regime": regime, **{c: row.get(c) for c in COLUMNS}}
+                )
+    lines = [header]
+    for regime, rows in tables:
+        lines += ["", f"**{TABLE_TITLES[regime]}**", "",
+                  "| " + " | ".join(COLUMNS) + " |",
+                  "|" + "---|" * len(COLUMNS)]
         for row in rows:
-            writer.writerow({c: row.get(c) for c in COLUMNS})
-    lines = [header, "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(_format(row.get(c)) for c in COLUMNS) + " |")
+            lines.append(
+                "| " + " | ".join(_format(row.get(c)) for c in COLUMNS) + " |"
+            )
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "latest.md"), "w") as handle:
         handle.write(table)
@@ -331,6 +365,10 @@ def main(argv=None):
     parser.add_argument("--experts", default="4,16,64,256,1024")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument(
+        "--regimes", default="fixed,paper",
+        help="fixed: N=4096 tokens at every E; paper: N = 64 E tokens",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--memory-probe", nargs=2, metavar=("CONFIG", "E"))
@@ -357,52 +395,40 @@ def main(argv=None):
 
     machine = roofline.measure()
     print(f"This machine now: {roofline.describe(machine)}", flush=True)
-    rows = []
-    for num_experts in [int(e) for e in args.experts.split(",")]:
-        active = [c for c in configs if _applies(c, num_experts)]
-        print(f"E={num_experts}: timing {', '.join(active)}", flush=True)
-        # Each E starts clean: the layers and traced functions of the last
-        # one (0.5 GB of weights at E=256) slowed the memory-bound E=1024.
-        keras.backend.clear_session()
-        gc.collect()
-        timings = time_configs(num_experts, active, args.reps)
-        for config in active:
-            forward_s, train_s, diff = timings[config]
-            baseline = "dense-xla" if config == "moe-capacity-xla" else "dense"
-            base = timings.get(baseline, timings.get("dense"))
-            row = {
-                "experts": num_experts,
-                "config": config,
-                "forward_ms": forward_s * 1e3,
-                "train_ms": train_s * 1e3,
-                "tokens_per_s": TOKENS / train_s,
-                "train_ratio_vs_dense": train_s / base[1] if base else None,
-                "forward_ratio_vs_dense": forward_s / base[0] if base else None,
-                "max_abs_diff_vs_reference": diff,
-            }
-            if config.startswith("moe"):
-                bound = roofline.moe_train_step_bound(
-                    machine, TOKENS, D_MODEL, HIDDEN, K, num_experts
-                )
-                row["roofline_ms"] = bound * 1e3
-                row["ratio_vs_roofline"] = train_s / bound
-            if not args.no_memory and config != "dense-xla":
-                memory = measure_memory(config, num_experts)
-                if memory:
-                    row["step_peak_mb"] = memory["step_peak_mb"]
-                    row["weights_mb"] = memory["weights_mb"]
-                    row["beyond_weight_grads_mb"] = (
-                        memory["step_peak_mb"] - memory["weights_mb"]
-                    )
-            rows.append(row)
-            print(
-                "  " + ", ".join(f"{c}={_format(row.get(c))}" for c in COLUMNS[1:]),
-                flush=True,
-            )
+    tables = []
+    for regime in args.regimes.split(","):
+        rows = []
+        for num_experts in [int(e) for e in args.experts.split(",")]:
+            batch = batch_for(regime, num_experts)
+            active = [c for c in configs if _applies(c, num_experts, regime)]
+            print(f"{regime}: E={num_experts}, N={batch * LENGTH}: timing "
+                  f"{', '.join(active)}", flush=True)
+            # Each E starts clean: the layers and traced functions of the
+            # last one (0.5 GB of weights at E=256) slowed the memory-bound
+            # E=1024.
+            keras.backend.clear_session()
+            gc.collect()
+            timings = time_configs(num_experts, active, args.reps, batch)
+            for config in active:
+                row = _row(config, num_experts, batch, timings, machine)
+                if (not args.no_memory and regime == "fixed"
+                        and config != "dense-xla"):
+                    memory = measure_memory(config, num_experts)
+                    if memory:
+                        row["step_peak_mb"] = memory["step_peak_mb"]
+                        row["weights_mb"] = memory["weights_mb"]
+                        row["beyond_weight_grads_mb"] = (
+                            memory["step_peak_mb"] - memory["weights_mb"]
+                        )
+                rows.append(row)
+                print("  " + ", ".join(
+                    f"{c}={_format(row.get(c))}" for c in COLUMNS[1:]
+                ), flush=True)
+        tables.append((regime, rows))
     header = (
         f"Benchmark of {datetime.date.today().isoformat()} on "
         f"{machine_description()}. Workload: float32, d={D_MODEL}, "
-        f"hidden={HIDDEN}, k={K}, N={TOKENS} tokens; medians of {args.reps} "
+        f"hidden={HIDDEN}, k={K}; medians of {args.reps} "
         f"interleaved repetitions; this machine at the start of the run: "
         f"{roofline.describe(machine)} (`benchmarks/roofline.py`). Ratios: "
         f"train/forward time over the `dense` baseline's (`dense-xla`'s for "
@@ -411,7 +437,46 @@ def main(argv=None):
         f"Command: `make bench` (`python -m benchmarks.run`)."
     )
     print()
-    print(write_tables(rows, header, args.out))
+    print(write_tables(tables, header, args.out))
+
+
+def batch_for(regime, num_experts):
+    """Sequences of `LENGTH` per step: 16 (N=4096) in the fixed regime,
+    `E / 4` (N = 64 E, about 128 rows per expert) in the paper's."""
+    if regime == "fixed":
+        return BATCH
+    if regime == "paper":
+        return max(1, num_experts * 64 // LENGTH)
+    raise ValueError(f"Unknown regime {regime!r}: 'fixed' or 'paper'.")
+
+
+def _row(config, num_experts, batch, timings, machine):
+    from benchmarks import roofline
+
+    forward_s, train_s, diff = timings[config]
+    baseline = "dense-xla" if config == "moe-capacity-xla" else "dense"
+    base = timings.get(baseline, timings.get("dense"))
+    tokens = batch * LENGTH
+    row = {
+        "experts": num_experts,
+        "tokens": tokens,
+        "config": config,
+        "forward_ms": forward_s * 1e3,
+        "train_ms": train_s * 1e3,
+        "tokens_per_s": tokens / train_s,
+        "train_ratio_vs_dense": train_s / base[1] if base else None,
+        "forward_ratio_vs_dense": forward_s / base[0] if base else None,
+        "max_abs_diff_vs_reference": diff,
+    }
+    if config.startswith("moe"):
+        bound = roofline.moe_train_step_bound(
+            machine, tokens, D_MODEL, HIDDEN, K, num_experts
+        )
+        row["roofline_ms"] = bound * 1e3
+        row["ratio_vs_roofline"] = train_s / bound
+    return row
+
+
 
 
 if __name__ == "__main__":

@@ -256,9 +256,26 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         self, features, expert_weights, expert_indices, flat_mask, training
     ):
         """Plan, dispatch, run the experts and combine: `[N, d_out]`."""
+        num_tokens = features.shape[0]
+        if (
+            self.capacity_factor is None
+            and self._to_expert_layout is None
+            and dispatch.classes_pay_off(
+                num_tokens, self.gating.experts_per_position,
+                self.num_experts,
+            )
+        ):
+            plan = dispatch.plan_classes(
+                expert_indices, self.num_experts, dispatch.NUM_CLASSES,
+                mask=flat_mask,
+            )
+            return dispatch.class_mixture(
+                features, expert_weights, plan, self.expert_hidden_kernel,
+                self.expert_hidden_bias, self.expert_output_kernel,
+                self.expert_output_bias, self.activation,
+            )
         capacity = None
         if self.capacity_factor is not None:
-            num_tokens = features.shape[0]
             capacity = dispatch.capacity_for(
                 ops.shape(features)[0] if num_tokens is None else num_tokens,
                 self.gating.experts_per_position,

@@ -225,3 +225,106 @@ def test_layers_on_the_jax_backend(tmp_path):
     pytest.importorskip("jax")
     run_python(JAX_SCRIPT, tmp_path, env_extra={"KERAS_BACKEND": "jax"},
                timeout=600)
+
+
+# Capacity classes (the dropless path with busy experts) ------------------
+
+
+def test_class_plan_pads_each_class_to_its_own_busiest_expert():
+    rng = np.random.default_rng(11)
+    num_tokens, num_experts, k = 300, 12, 2
+    # Skewed routing: expert 0 is chosen by everyone, the others unevenly.
+    indices = np.stack(
+        [np.zeros(num_tokens, "int32"),
+         rng.choice(np.arange(1, num_experts), size=num_tokens,
+                    p=np.arange(1, num_experts) / np.arange(1, num_experts).sum())],
+        axis=1,
+    ).astype("int32")
+    mask = rng.random(num_tokens) > 0.1
+    plan = dispatch.plan_classes(indices, num_experts, 4, mask=mask)
+    loads = np.bincount(indices[mask].ravel(), minlength=num_experts)
+    np.testing.assert_array_equal(_np(plan.tokens_per_expert), loads)
+    assert plan.class_sizes == (3, 3, 3, 3)
+    order = _np(plan.expert_order)
+    assert (np.diff(loads[order]) <= 0).all()  # busiest first
+    # Each class is as wide as its busiest expert's load; the rows in all
+    # stay within the bound, far below one capacity for every expert.
+    widths = [_np(slots).shape[1] for slots in plan.slot_positions]
+    assert widths == [loads[order[3 * g]] for g in range(4)]
+    rows = sum(3 * width for width in widths)
+    assert rows == int(_np(plan.num_rows))
+    assert rows <= mask.sum() * k + 3 * loads.max() < num_experts * loads.max()
+    # Every unmasked assignment has its own row, holding its position.
+    flat_positions = np.concatenate([_np(s).ravel() for s in plan.slot_positions])
+    slots = _np(plan.assignment_slots)
+    assert (slots[~mask] == rows).all()
+    taken = slots[mask].ravel()
+    assert len(set(taken)) == len(taken) and taken.max() < rows
+    np.testing.assert_array_equal(
+        flat_positions[slots[mask]], np.repeat(np.flatnonzero(mask)[:, None], k, axis=1)
+    )
+    assert (flat_positions == num_tokens).sum() == rows - len(taken)  # the padding
+
+
+@pytest.fixture
+def classes_always(monkeypatch):
+    """Capacity classes on every dropless batch, 3 classes."""
+    monkeypatch.setattr(dispatch, "NUM_CLASSES", 3)
+    monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS", 0)
+    monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS_PER_EXPERT", 0)
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_classes_equal_the_dense_reference_in_outputs_and_gradients(classes_always, hierarchical):
+    if hierarchical:
+        layer = keras_moe.HierarchicalMixtureOfExperts(3, 3, hidden_units=10, k=2, seed=2)
+        layer_checks.randomise_weights(layer, 2, input_shape=(None, 6))
+    else:
+        layer = _layer(9, 2, seed=2)
+    assert dispatch.classes_pay_off(40, layer.gating.experts_per_position, 9)
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(40, 6)).astype("float32"))
+    mask = tf.constant(rng.random(40) > 0.2)
+    probe = tf.constant(rng.normal(size=(40, 6)).astype("float32"))
+    expert_vars = [layer.expert_hidden_kernel, layer.expert_hidden_bias,
+                   layer.expert_output_kernel, layer.expert_output_bias]
+    variables = expert_vars + layer.gating.trainable_weights
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        sparse = tf.reduce_sum(layer(x, mask=mask) * probe)
+        weights, indices = layer.gating(x, mask=mask)
+        dense = tf.reduce_sum(
+            dispatch.dense_mixture(x, weights, indices, *expert_vars, keras.activations.relu)
+            * probe
+        )
+    np.testing.assert_allclose(sparse.numpy(), dense.numpy(), rtol=1e-5)
+    for sparse_grad, dense_grad in zip(
+        tape.gradient(sparse, [x] + variables), tape.gradient(dense, [x] + variables)
+    ):
+        if dense_grad is None:  # the noise kernel, unused at inference
+            assert sparse_grad is None
+            continue
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(sparse_grad).numpy(),
+            tf.convert_to_tensor(dense_grad).numpy(), rtol=1e-4, atol=1e-5,
+        )
+
+
+def test_the_layer_uses_classes_only_when_they_pay_off():
+    assert dispatch.classes_pay_off(4096, 2, 64)
+    assert dispatch.classes_pay_off(64 * 1024, 2, 1024)  # the paper's regime
+    assert not dispatch.classes_pay_off(4096, 2, 256)  # 32 rows per expert
+    assert not dispatch.classes_pay_off(4096, 2, 8)  # classes of one expert
+    assert not dispatch.classes_pay_off(None, 2, 64)  # unknown when traced
+    calls = []
+    layer = _layer(16, 2, seed=1)
+    original = dispatch.plan_classes
+    try:
+        dispatch.plan_classes = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+        x = np.random.default_rng(1).normal(size=(4096, 6)).astype("float32")
+        np.testing.assert_allclose(
+            _np(layer(x)), layer_checks.dense_reference(layer, x), rtol=1e-4, atol=1e-5
+        )
+        assert calls
+    finally:
+        dispatch.plan_classes = original
