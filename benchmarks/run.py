@@ -256,7 +256,7 @@ def memory_probe(config, num_experts):
     layer, forward, jit_compile = build(config, num_experts)
     _, train_step = step_functions(layer, forward, jit_compile)
     x = tf.constant(
-        tf.random.stateless_normal((batch, LENGTH, D_MODEL), seed=(0, 1))
+        tf.random.stateless_normal((BATCH, LENGTH, D_MODEL), seed=(0, 1))
     )
     weight_bytes = sum(int(np.prod(w.shape)) * 4 for w in layer.weights)
     _block(train_step(x))  # trace and compile outside the measurement
