@@ -35,7 +35,9 @@ freed memory is returned. "Beyond weights and gradients" also subtracts
 one copy of the weights for their gradients.
 
 `all-experts` and `keras-hub-mixtral` build `[E, N, hidden]` activations
-(16 GB at E=1024) and are run for E <= 64 only.
+(16 GB at E=1024) and are run for E <= 64 only. The JAX rows
+(`benchmarks/jax_rows.py`: dense, capacity and the ragged dropless path)
+run in a JAX process for E <= 64.
 """
 
 import argparse
@@ -331,6 +333,7 @@ def _format(value):
 TABLE_TITLES = {
     "fixed": "N = 4,096 tokens at every expert count (the issue-3 workload)",
     "paper": "The paper's regime: N = 64 E tokens (about 128 rows per expert)",
+    "jax": "JAX backend (`jax.jit`), N = 4,096: ratios over `jax-dense`",
 }
 
 
@@ -370,6 +373,11 @@ def main(argv=None):
         help="fixed: N=4096 tokens at every E; paper: N = 64 E tokens",
     )
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--jax-experts", default="4,16,64",
+        help="expert counts of the JAX rows ('' for none); the ragged "
+        "dropless path runs densely on XLA:CPU, so not beyond 64",
+    )
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--memory-probe", nargs=2, metavar=("CONFIG", "E"))
     args = parser.parse_args(argv)
@@ -396,7 +404,7 @@ def main(argv=None):
     machine = roofline.measure()
     print(f"This machine now: {roofline.describe(machine)}", flush=True)
     tables = []
-    for regime in args.regimes.split(","):
+    for regime in [r for r in args.regimes.split(",") if r]:
         rows = []
         for num_experts in [int(e) for e in args.experts.split(",")]:
             batch = batch_for(regime, num_experts)
@@ -425,6 +433,11 @@ def main(argv=None):
                     f"{c}={_format(row.get(c))}" for c in COLUMNS[1:]
                 ), flush=True)
         tables.append((regime, rows))
+    if args.jax_experts:
+        print(f"jax: E={args.jax_experts}", flush=True)
+        rows = jax_rows(args.jax_experts, args.reps)
+        if rows:
+            tables.append(("jax", rows))
     header = (
         f"Benchmark of {datetime.date.today().isoformat()} on "
         f"{machine_description()}. Workload: float32, d={D_MODEL}, "
@@ -438,6 +451,22 @@ def main(argv=None):
     )
     print()
     print(write_tables(tables, header, args.out))
+
+
+def jax_rows(experts, reps):
+    """The JAX rows (`benchmarks.jax_rows`), timed in a JAX process."""
+    env = dict(os.environ, KERAS_BACKEND="jax", KERAS_MOE_QUIET="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.jax_rows", "--experts", experts,
+         "--reps", str(reps)],
+        env=env, capture_output=True, text=True, timeout=3600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    if result.returncode != 0:
+        print("JAX rows failed:", result.stderr[-2000:], flush=True)
+        return []
+    return [json.loads(line) for line in result.stdout.splitlines()
+            if line.startswith("{")]
 
 
 def batch_for(regime, num_experts):

@@ -236,12 +236,13 @@ class ExpertParallel:
             raise ValueError("The model has no MixtureOfExperts layers to shard.")
         for layer in experts:
             _check_expert_count(layer, self.expert_shards)
-            if layer.capacity_factor is None:
+            if layer.capacity_factor is None or layer.eval_capacity_factor is None:
                 raise ValueError(
                     f"{layer.__class__.__name__} '{layer.name}' is dropless "
-                    "(capacity_factor=None), whose buffer size depends on the "
-                    "routing; DTensor needs static shapes. Give it a "
-                    "capacity_factor (e.g. 2.0) to shard its experts."
+                    "(capacity_factor=None or eval_capacity_factor=None), "
+                    "whose buffer size depends on the routing; DTensor needs "
+                    "static shapes. Give it a capacity_factor (e.g. 2.0) to "
+                    "shard its experts."
                 )
             for variable in layer.expert_variables.values():
                 self._place(variable, self.expert_layout(len(variable.shape)))

@@ -67,6 +67,9 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         importance_weight=0.1,
         load_weight=0.1,
         capacity_factor=None,
+        eval_capacity_factor="same",
+        shared_experts=0,
+        shared_expert_gate=False,
         seed=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
@@ -89,6 +92,20 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         self.capacity_factor = validation.optional_number(
             "capacity_factor", capacity_factor, minimum=0.0, exclusive=True
         )
+        self.shared_experts = validation.integer(
+            "shared_experts", shared_experts, minimum=0
+        )
+        self.shared_expert_gate = validation.boolean(
+            "shared_expert_gate", shared_expert_gate
+        )
+        if isinstance(eval_capacity_factor, str) and (
+            eval_capacity_factor == "same"
+        ):
+            eval_capacity_factor = self.capacity_factor
+        self.eval_capacity_factor = validation.optional_number(
+            "eval_capacity_factor", eval_capacity_factor, minimum=0.0,
+            exclusive=True,
+        )
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -100,8 +117,8 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         # dropless path is a grouped matmul with static shapes instead.
         self.supports_jit = (
             self.capacity_factor is not None
-            or keras.backend.backend() == "jax"
-        )
+            and self.eval_capacity_factor is not None
+        ) or keras.backend.backend() == "jax"
         self._to_expert_layout = None
         self._to_token_layout = None
 
@@ -185,12 +202,65 @@ class MixtureOfExpertsBase(keras.layers.Layer):
                     dtype=self.variable_dtype,
                 ),
             )
+        if self.shared_experts:
+            self._build_shared_experts(input_dim, output_dim)
         self.dropped_assignments_total = statistics.add_accumulator(
             self, "dropped_assignments_total", ()
         )
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
         )
+
+    def _build_shared_experts(self, input_dim, output_dim):
+        """`shared_experts` always-on experts, stacked like the routed ones
+        (`shared_hidden_kernel [S, d, h]`, `shared_hidden_bias [S, h]`,
+        `shared_output_kernel [S, h, d_out]`, `shared_output_bias
+        [S, d_out]`), and the optional gate `shared_gate_kernel [d, 1]`."""
+        count = self.shared_experts
+        kernel_initializer = _per_expert_initializer(
+            self.kernel_initializer, count
+        )
+        shapes = {
+            "shared_hidden_kernel": (count, input_dim, self.hidden_units),
+            "shared_hidden_bias": (count, self.hidden_units),
+            "shared_output_kernel": (count, self.hidden_units, output_dim),
+            "shared_output_bias": (count, output_dim),
+        }
+        for name, shape in shapes.items():
+            is_kernel = name.endswith("kernel")
+            setattr(self, name, self.add_weight(
+                name=name, shape=shape,
+                initializer=(
+                    kernel_initializer if is_kernel else self.bias_initializer
+                ),
+                regularizer=(
+                    self.kernel_regularizer if is_kernel
+                    else self.bias_regularizer
+                ),
+                dtype=self.variable_dtype,
+            ))
+        if self.shared_expert_gate:
+            self.shared_gate_kernel = self.add_weight(
+                name="shared_gate_kernel", shape=(input_dim, 1),
+                initializer=self.kernel_initializer,
+                dtype=self.variable_dtype,
+            )
+
+    def _shared_output(self, features, flat_mask):
+        """The shared experts' sum on every position: `[N, d_out]`."""
+        hidden = ops.einsum("nd,sdh->nsh", features, self.shared_hidden_kernel)
+        hidden = self.activation(hidden + self.shared_hidden_bias)
+        outputs = ops.einsum("nsh,sho->no", hidden, self.shared_output_kernel)
+        outputs = outputs + ops.sum(self.shared_output_bias, axis=0)
+        if self.shared_expert_gate:
+            outputs = outputs * ops.sigmoid(
+                ops.matmul(features, self.shared_gate_kernel)
+            )
+        if flat_mask is not None:
+            outputs = ops.where(
+                ops.cast(flat_mask, "bool")[:, None], outputs, 0.0
+            )
+        return outputs
 
     def routing_statistics(self):
         """How training positions were routed since the last reset.
@@ -234,7 +304,10 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         if features.shape[0] == 0:
             # No positions (an empty batch or sequence): nothing to route.
             outputs = ops.zeros((0, output_dim), self.compute_dtype)
-        elif self.capacity_factor is None and jax_dispatch is not None:
+        elif (
+            self._capacity_factor(training) is None
+            and jax_dispatch is not None
+        ):
             outputs = jax_dispatch.ragged_mixture(
                 features,
                 expert_weights,
@@ -250,15 +323,22 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             outputs = self._sparse_mixture(
                 features, expert_weights, expert_indices, flat_mask, training
             )
+        if self.shared_experts and features.shape[0] != 0:
+            outputs = outputs + self._shared_output(features, flat_mask)
         return ops.reshape(outputs, leading_shape + (output_dim,))
+
+    def _capacity_factor(self, training):
+        """The capacity factor of this call: training's or inference's."""
+        return self.capacity_factor if training else self.eval_capacity_factor
 
     def _sparse_mixture(
         self, features, expert_weights, expert_indices, flat_mask, training
     ):
         """Plan, dispatch, run the experts and combine: `[N, d_out]`."""
         num_tokens = features.shape[0]
+        capacity_factor = self._capacity_factor(training)
         if (
-            self.capacity_factor is None
+            capacity_factor is None
             and self._to_expert_layout is None
             and dispatch.classes_pay_off(
                 num_tokens, self.gating.experts_per_position,
@@ -275,12 +355,12 @@ class MixtureOfExpertsBase(keras.layers.Layer):
                 self.expert_output_bias, self.activation,
             )
         capacity = None
-        if self.capacity_factor is not None:
+        if capacity_factor is not None:
             capacity = dispatch.capacity_for(
                 ops.shape(features)[0] if num_tokens is None else num_tokens,
                 self.gating.experts_per_position,
                 self.num_experts,
-                self.capacity_factor,
+                capacity_factor,
             )
         plan = dispatch.plan_dispatch(
             expert_indices, self.num_experts, capacity=capacity, mask=flat_mask
@@ -299,7 +379,7 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         if self._to_token_layout is not None:
             expert_outputs = self._to_token_layout(expert_outputs)
         outputs = dispatch.combine(expert_outputs, expert_weights, plan)
-        if training and self.capacity_factor is not None:
+        if training and capacity_factor is not None:
             self.dropped_assignments_total.assign_add(
                 replicas.global_batch_sum(
                     ops.cast(plan.num_dropped, "float32")
@@ -331,6 +411,9 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             "seed": self.seed,
             "activation": keras.activations.serialize(self.activation),
             "capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.eval_capacity_factor,
+            "shared_experts": self.shared_experts,
+            "shared_expert_gate": self.shared_expert_gate,
             "kernel_initializer": keras.initializers.serialize(
                 self.kernel_initializer
             ),
@@ -360,6 +443,18 @@ def _arguments_doc(k_meaning):
             gives each expert `ceil(c * N * k / E)` slots for `N` positions
             and drops what does not fit (static shapes: XLA-compilable).
             Positions with non-finite features take slots like any other.
+            Applies while training.
+        eval_capacity_factor: float > 0, None or `"same"` (default: the
+            `capacity_factor`). The capacity at inference (`training` not
+            True): e.g. a roomier factor, or None to drop nothing when
+            serving a model trained with a capacity.
+        shared_experts: int >= 0. Always-on experts of the same shape as
+            the routed ones, run on every position and added to its output
+            (DeepSeek-MoE / Qwen-MoE shared experts; not sharded by expert
+            parallelism). Defaults to 0.
+        shared_expert_gate: bool. Scales the shared experts' sum by
+            `sigmoid(x . w)` per position (Qwen-MoE), with a weight
+            `shared_gate_kernel [d, 1]`. Defaults to False.
         kernel_initializer: initializer of each expert's kernels, applied
             per expert. Defaults to `"glorot_uniform"`.
         bias_initializer: initializer of the experts' biases. Defaults to

@@ -102,6 +102,26 @@ def test_capacity_drops_exactly_the_assignments_beyond_capacity(capacity_factor)
     assert int(_np(plan.num_dropped)) == expected_dropped > 0
 
 
+def test_inference_uses_its_own_capacity_factor():
+    # Trained with a tight capacity, served dropless (or with another).
+    x = np.random.default_rng(9).normal(size=(40, 6)).astype("float32")
+    layer = _layer(4, 2, seed=9, capacity_factor=0.5, eval_capacity_factor=None)
+    assert layer.get_config()["eval_capacity_factor"] is None
+    assert not layer.supports_jit
+    np.testing.assert_allclose(
+        _np(layer(x)), layer_checks.dense_reference(layer, x), rtol=1e-5, atol=1e-5
+    )
+    layer(x, training=True)
+    assert layer.routing_statistics()["dropped_fraction"] > 0.4  # half the slots
+    same = _layer(4, 2, seed=9, capacity_factor=0.5)
+    assert same.eval_capacity_factor == 0.5 and same.supports_jit
+    weights, indices = (_np(t) for t in same.gating(x))
+    expected, _ = _reference_with_capacity(
+        x, weights, indices, 10, layer_checks.expert_arrays(same)
+    )
+    np.testing.assert_allclose(_np(same(x)), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 8.0, 0.5])
 def test_gradients_match_the_dense_reference(capacity_factor):
     layer = _layer(8, 2, seed=3, capacity_factor=capacity_factor)

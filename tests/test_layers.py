@@ -282,3 +282,28 @@ def test_softmax_router_moe_equals_the_dense_mixture_of_its_gates(capacity_facto
     layer(x, training=True)
     assert len(layer.losses) == 1  # the router's balancing loss
     assert layer.routing_statistics()["positions"] == 20.0
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_shared_experts_add_their_output_to_every_unmasked_position(gate):
+    layer = keras_moe.MixtureOfExperts(
+        6, 10, k=2, shared_experts=2, shared_expert_gate=gate, seed=3
+    )
+    layer_checks.randomise_weights(layer, seed=3, input_shape=(None, 7))
+    assert len(layer.trainable_weights) == 2 + 4 + 4 + int(gate)
+    assert "shared_hidden_kernel" not in layer.expert_variables  # not sharded
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20, 7)).astype("float32")
+    mask = rng.random(20) > 0.3
+    w1, b1, w2, b2 = (
+        _np(v) for v in (layer.shared_hidden_kernel, layer.shared_hidden_bias,
+                         layer.shared_output_kernel, layer.shared_output_bias)
+    )
+    shared = sum(np.maximum(x @ w1[s] + b1[s], 0.0) @ w2[s] + b2[s] for s in range(2))
+    if gate:
+        shared = shared / (1.0 + np.exp(-(x @ _np(layer.shared_gate_kernel))))
+    expected = layer_checks.dense_reference(layer, x) + shared
+    expected[~mask] = 0.0
+    np.testing.assert_allclose(_np(layer(x, mask=mask)), expected, rtol=1e-4, atol=1e-4)
+    config = layer.get_config()
+    assert config["shared_experts"] == 2 and config["shared_expert_gate"] is gate
