@@ -306,7 +306,8 @@ def noisy_top_k_gating(clean_logits, k, stddev=None, noise=None,
             tokens_per_expert)
 
 
-def softmax_top_k_gating(logits, k, normalize=True, positions=None):
+def softmax_top_k_gating(logits, k, normalize=True, positions=None,
+                         selection_bias=None):
     """A softmax router on one batch (Switch / Mixtral / Qwen style).
 
     `P(x) = softmax(logits)` over all `n` experts; each position takes its
@@ -319,6 +320,9 @@ def softmax_top_k_gating(logits, k, normalize=True, positions=None):
         k: int.
         normalize: bool.
         positions: float32 `[N, 1]` (`position_mask`).
+        selection_bias: optional float32 `[n]`, added to the logits to
+            choose the experts only (loss-free balancing); the gate values
+            and the statistics use the unbiased probabilities.
 
     Returns:
         `(expert_weights [N, k], expert_indices [N, k],
@@ -333,7 +337,10 @@ def softmax_top_k_gating(logits, k, normalize=True, positions=None):
     probabilities = ops.softmax(logits, axis=-1)
     # Selected on the logits (softmax keeps their order): an offset below
     # float32 resolution breaks only exact ties there.
-    _, expert_indices = ops.top_k(logits + tie_break_offsets(logits), k=k)
+    scores = logits + tie_break_offsets(logits)
+    if selection_bias is not None:
+        scores = scores + selection_bias
+    _, expert_indices = ops.top_k(scores, k=k)
     expert_indices = ops.cast(expert_indices, "int32")
     expert_weights = ops.take_along_axis(probabilities, expert_indices, axis=-1)
     if normalize:
@@ -588,9 +595,15 @@ class _RouterBase(compat.PerThreadLosses, keras.layers.Layer):
         self.load_total.assign_add(routing.load)
         self.positions_total.assign_add(routing.num_positions)
 
+    def _update_state(self, routing):
+        """Router state that moves with training (none by default)."""
+
     def reset_statistics(self):
         """Zeroes the routing-statistics accumulators."""
-        statistics.reset(self.non_trainable_weights)
+        statistics.reset([
+            self.tokens_per_expert_total, self.importance_total,
+            self.load_total, self.positions_total,
+        ])
 
     def _gate_inputs(self, inputs, mask):
         """Checked float32 features `[N, d]`, the `[N, 1]` position mask and
@@ -622,6 +635,7 @@ class _RouterBase(compat.PerThreadLosses, keras.layers.Layer):
         routing = self.route(inputs, training=training, mask=mask)
         if training:
             self._record_statistics(routing)
+            self._update_state(routing)
             loss = self._balancing_loss(routing)
             if loss is not None:
                 self.add_loss(loss)
@@ -862,6 +876,13 @@ class SoftmaxTopKGating(_RouterBase):
         z_loss_weight: float >= 0. Defaults to 0.
         jitter: float in [0, 1). Input jitter while training. Defaults to
             0.
+        bias_update_rate: float >= 0. Loss-free balancing (DeepSeek-V3)
+            when > 0: a non-trainable per-expert `expert_bias [E]` is added
+            to the logits to choose the experts (never to the gate
+            values), and after each training batch every bias moves by
+            `bias_update_rate * sign(mean_load - load_i)`, with the loads
+            of the global batch; it is saved with the weights. Usually
+            combined with `load_balance_weight=0`. Defaults to 0 (off).
         seed: int >= 0 or None. Seed of the jitter. Defaults to None.
         kernel_initializer: initializer of `gate_kernel [d, E]`. Defaults
             to `"zeros"`.
@@ -869,7 +890,8 @@ class SoftmaxTopKGating(_RouterBase):
 
     Call arguments:
         inputs: float tensor `[..., d]`, rank >= 2.
-        training: bool. Jitter and the losses only when True.
+        training: bool. Jitter, the losses and the bias updates only when
+            True.
         mask: optional bool tensor `[...]`. Masked positions get zero gate
             values and count nowhere.
 
@@ -880,7 +902,8 @@ class SoftmaxTopKGating(_RouterBase):
 
     def __init__(self, num_experts, k=2, normalize=True,
                  load_balance_weight=0.01, z_loss_weight=0.0, jitter=0.0,
-                 seed=None, kernel_initializer="zeros", **kwargs):
+                 bias_update_rate=0.0, seed=None,
+                 kernel_initializer="zeros", **kwargs):
         super().__init__(
             seed=seed, kernel_initializer=kernel_initializer, **kwargs
         )
@@ -893,6 +916,9 @@ class SoftmaxTopKGating(_RouterBase):
             "z_loss_weight", z_loss_weight, minimum=0.0
         )
         self.jitter = validation.number("jitter", jitter, 0.0, below=1.0)
+        self.bias_update_rate = validation.number(
+            "bias_update_rate", bias_update_rate, minimum=0.0
+        )
 
     @property
     def num_routed_experts(self):
@@ -908,6 +934,14 @@ class SoftmaxTopKGating(_RouterBase):
         self.gate_kernel = self._add_kernel(
             "gate_kernel", input_dim, self.num_experts
         )
+        if self.bias_update_rate:
+            # Every replica applies the same (global) update; the first
+            # replica's is kept, as for the statistics.
+            self.expert_bias = self.add_weight(
+                name="expert_bias", shape=(self.num_experts,),
+                initializer="zeros", dtype="float32", trainable=False,
+                aggregation="only_first_replica",
+            )
         self._build_statistics()
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
@@ -930,6 +964,9 @@ class SoftmaxTopKGating(_RouterBase):
          z_sum) = softmax_top_k_gating(
             ops.matmul(features, self.gate_kernel), self.k, self.normalize,
             positions,
+            selection_bias=(
+                self.expert_bias if self.bias_update_rate else None
+            ),
         )
         probability_sums, tokens_per_expert, z_sum, num_positions = (
             replicas.global_batch_sums(
@@ -946,6 +983,13 @@ class SoftmaxTopKGating(_RouterBase):
             num_positions,
             z_sum / ops.maximum(num_positions, 1.0),
         )
+
+    def _update_state(self, routing):
+        if self.bias_update_rate:
+            loads = routing.tokens_per_expert
+            self.expert_bias.assign_add(
+                self.bias_update_rate * ops.sign(ops.mean(loads) - loads)
+            )
 
     def _balancing_loss(self, routing):
         if not (self.load_balance_weight or self.z_loss_weight):
@@ -965,6 +1009,7 @@ class SoftmaxTopKGating(_RouterBase):
             "load_balance_weight": self.load_balance_weight,
             "z_loss_weight": self.z_loss_weight,
             "jitter": self.jitter,
+            "bias_update_rate": self.bias_update_rate,
         }
 
 

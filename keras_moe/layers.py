@@ -170,7 +170,10 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         input_dim = input_shape[-1]
         output_dim = self.output_units or input_dim
         self.gating = self._make_gating()
-        self.gating.build(input_shape)
+        if not self.gating.built:
+            # A router given as an instance may come built (deserialised
+            # from a `.keras` file, or built by its user).
+            self.gating.build(input_shape)
         experts = self.num_experts
         kernel_initializer = _per_expert_initializer(
             self.kernel_initializer, experts

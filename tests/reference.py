@@ -132,8 +132,11 @@ def moe_output(x, dense_gates, hidden_kernel, hidden_bias, output_kernel, output
     return np.einsum("ne,eno->no", dense_gates, outputs)
 
 
-def softmax_router(logits, k, normalize=True, mask=None):
+def softmax_router(logits, k, normalize=True, mask=None, selection_bias=None):
     """The softmax top-k router (issue 14's definition), densely.
+
+    `selection_bias` (loss-free balancing) is added to the probabilities'
+    logits only to choose the experts.
 
     Returns `(gates [N, E], balance_loss, z_loss)`: `balance_loss =
     E * sum_i (c_i / N) * P_i` and `z_loss = mean(logsumexp(logits)^2)`
@@ -147,7 +150,8 @@ def softmax_router(logits, k, normalize=True, mask=None):
     gates = np.zeros_like(p)
     chosen = np.zeros_like(p)
     for t in range(n):
-        top = np.argsort(-p[t], kind="stable")[:k]
+        scores = logits[t] if selection_bias is None else logits[t] + selection_bias
+        top = np.argsort(-scores, kind="stable")[:k]
         values = p[t, top] / (p[t, top].sum() if normalize else 1.0)
         if keep[t]:
             gates[t, top] = values

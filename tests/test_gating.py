@@ -1,10 +1,12 @@
 """The gating maths against the independent NumPy reference."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from keras import ops
 
+import keras_moe
 from keras_moe import gating
 from tests import layer_checks
 from tests import reference
@@ -340,3 +342,68 @@ def test_untrained_softmax_router_spreads_ties_round_robin():
     weights, indices = layer(np.ones((6, 8), "float32"))
     np.testing.assert_allclose(_np(weights), 0.5)
     np.testing.assert_array_equal(_np(indices), [[r % 4, (r + 1) % 4] for r in range(6)])
+
+
+def test_loss_free_bias_chooses_the_experts_and_moves_against_the_load():
+    rate = 0.05
+    layer = _softmax_router(6, 2, 5, seed=4, bias_update_rate=rate, load_balance_weight=0.0)
+    assert len(layer.trainable_weights) == 1  # the bias is not trained
+    bias = np.array([0.0, 10.0, 0.0, -10.0, 0.0, 0.0], "float32")
+    layer.expert_bias.assign(bias)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, 5)).astype("float32")
+    mask = rng.random(30) > 0.2
+    logits = x @ layer.gate_kernel.numpy()
+    # Chosen with the bias, weighted without it.
+    expected, _, _ = reference.softmax_router(logits, 2, mask=mask, selection_bias=bias)
+    weights, indices = layer(x, mask=mask)
+    np.testing.assert_allclose(_dense_from_sparse(weights, indices, 6), expected, rtol=1e-5, atol=1e-6)
+    assert (ops.convert_to_numpy(indices)[mask] == 1).any(axis=1).all()
+    np.testing.assert_array_equal(layer.expert_bias.numpy(), bias)  # inference: unchanged
+    # Training: one update by rate * sign(mean load - load), loads of the
+    # unmasked positions.
+    weights, indices = layer(x, training=True, mask=mask)
+    loads = np.bincount(ops.convert_to_numpy(indices)[mask].ravel(), minlength=6)
+    np.testing.assert_allclose(
+        layer.expert_bias.numpy(), bias + rate * np.sign(loads.mean() - loads), atol=1e-6
+    )
+    assert layer.losses == []  # no auxiliary loss with load_balance_weight=0
+    layer.reset_statistics()  # statistics only: the bias stays
+    np.testing.assert_allclose(
+        layer.expert_bias.numpy(), bias + rate * np.sign(loads.mean() - loads), atol=1e-6
+    )
+    assert layer.get_config()["bias_update_rate"] == rate
+
+
+def test_loss_free_bias_balances_a_skewed_router_and_is_saved(tmp_path):
+    keras.utils.set_random_seed(0)
+    router = gating.SoftmaxTopKGating(4, k=1, bias_update_rate=0.02, load_balance_weight=0.0)
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras_moe.MixtureOfExperts(4, 8, router=router)(inputs))
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(3, 4)).astype("float32")
+    kernel[:, 0] += 1.5  # skewed to expert 0 (for positive features)
+    router.gate_kernel.assign(kernel)
+    x = np.abs(rng.normal(size=(256, 3))).astype("float32")
+    before = np.bincount(ops.convert_to_numpy(router(x)[1]).ravel(), minlength=4)
+    for _ in range(200):
+        router(x, training=True)
+    after = np.bincount(ops.convert_to_numpy(router(x)[1]).ravel(), minlength=4)
+    assert before.max() > 0.7 * 256 and after.max() < 0.4 * 256, (before, after)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(
+        loaded.layers[-1].gating.expert_bias.numpy(), router.expert_bias.numpy()
+    )
+    # A MoE layer with a router instance round-trips whole.
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
+
+
+def test_bias_update_rate_is_checked():
+    with pytest.raises(ValueError, match="bias_update_rate=-0.1"):
+        gating.SoftmaxTopKGating(4, bias_update_rate=-0.1)
+    with pytest.raises(ValueError, match="must be finite"):
+        gating.SoftmaxTopKGating(4, bias_update_rate=float("nan"))
