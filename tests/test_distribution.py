@@ -69,6 +69,9 @@ def test_mirrored_balancing_loss_and_gate_gradients_are_those_of_the_global_batc
             lambda: keras_moe.HierarchicalMixtureOfExperts(2, 4, 16, noisy_gating=False),
             lambda: keras_moe.MixtureOfExperts(8, 16, router=keras_moe.SoftmaxTopKGating(
                 8, k=2, load_balance_weight=0.5, z_loss_weight=0.1)),
+            # Loss-free balancing: the bias moves by the global batch's loads.
+            lambda: keras_moe.MixtureOfExperts(8, 16, router=keras_moe.SoftmaxTopKGating(
+                8, k=2, load_balance_weight=0.5, bias_update_rate=0.1)),
         ]
         for make in makers:
             with strategy.scope():
@@ -76,11 +79,19 @@ def test_mirrored_balancing_loss_and_gate_gradients_are_those_of_the_global_batc
                 layer.build((None, 6))
             layer_checks.randomise_weights(layer, seed=7)
             gate_vars = layer.gating.trainable_weights
+            bias = getattr(layer.gating, "expert_bias", None)
+            if bias is not None:
+                bias.assign(np.linspace(-0.2, 0.2, 8).astype("float32"))
+                bias_before = bias.numpy()
 
             with tf.GradientTape() as tape:
                 layer(x, training=True)
                 (single_loss,) = layer.losses
             single_grads = tape.gradient(single_loss, gate_vars)
+            if bias is not None:
+                bias_single = bias.numpy()
+                assert np.abs(bias_single - bias_before).max() > 0
+                bias.assign(bias_before)
 
             dataset = strategy.experimental_distribute_dataset(
                 tf.data.Dataset.from_tensor_slices(x).batch(32))
@@ -98,6 +109,8 @@ def test_mirrored_balancing_loss_and_gate_gradients_are_those_of_the_global_batc
                         [strategy.reduce("MEAN", g, axis=None) for g in grads])
 
             loss, grads = replicated(next(iter(dataset)))
+            if bias is not None:
+                np.testing.assert_allclose(bias.numpy(), bias_single, atol=1e-6)
             np.testing.assert_allclose(loss.numpy(), single_loss.numpy(), rtol=1e-5)
             assert float(single_loss) > 0
             for replicated_grad, single_grad in zip(grads, single_grads):
