@@ -22,7 +22,8 @@ median of `--reps` repetitions after two warm-up calls, inside
   checked against (`max_abs_diff`).
 - `keras-hub-mixtral`: keras-hub's `MixtralSparseMoeBlock` at the same
   hidden size. Its experts are gated 3-matrix MLPs (1.5x our experts'
-  FLOPs at equal hidden size).
+  FLOPs at equal hidden size). `keras-hub-mixtral-sparse`: the same block
+  after `keras_moe.hub.sparsify` (only the chosen experts, same weights).
 
 The training step is forward + backward (gradients of the weights and of
 the input, as when the layer sits between LSTMs), without the optimizer.
@@ -64,12 +65,15 @@ CONFIGS = [
     "moe-capacity-xla",
     "all-experts",
     "keras-hub-mixtral",
+    "keras-hub-mixtral-sparse",
 ]
 
 
 def _applies(config, num_experts, regime="fixed"):
     if config in ("all-experts", "keras-hub-mixtral"):
         return regime == "fixed" and num_experts <= DENSE_ONLY_LIMIT
+    if config == "keras-hub-mixtral-sparse":
+        return regime == "fixed"
     return True
 
 
@@ -91,16 +95,20 @@ def build(config, num_experts, batch=BATCH):
             ]
         )
         return layer, lambda x, training: layer(x), config.endswith("xla")
-    if config == "keras-hub-mixtral":
+    if config.startswith("keras-hub-mixtral"):
         from keras_hub.src.models.mixtral.mixtral_decoder import (
             MixtralSparseMoeBlock,
         )
+
+        from keras_moe import hub
 
         layer = MixtralSparseMoeBlock(
             hidden_dim=D_MODEL, intermediate_dim=HIDDEN, num_experts=num_experts,
             top_k=K,
         )
         layer.build((batch, LENGTH, D_MODEL))
+        if config == "keras-hub-mixtral-sparse":
+            hub.sparsify(layer)
         return layer, lambda x, training: layer(x, training=training)[0], False
     capacity_factor = 1.25 if config == "moe-capacity-xla" else None
     layer = keras_moe.MixtureOfExperts(
@@ -392,7 +400,7 @@ def main(argv=None):
     try:
         import keras_hub  # noqa: F401
     except ImportError:
-        configs = [c for c in configs if c != "keras-hub-mixtral"]
+        configs = [c for c in configs if not c.startswith("keras-hub")]
         print("keras-hub is not installed: skipping keras-hub-mixtral")
 
     import gc

@@ -355,15 +355,15 @@ def permute_experts(weights, order):
     return permute(ops.reshape(weights, tuple(weights.shape)))
 
 
-def class_mixture(
-    inputs, expert_weights, plan, hidden_kernel, hidden_bias, output_kernel,
-    output_bias, activation,
-):
+def class_mixture(inputs, expert_weights, plan, weights, experts):
     """Dispatch, experts and combine over the classes of a `ClassPlan`.
 
     Args:
         inputs: `[N, d]`; expert_weights: `[N, k]` (zero where masked);
-        plan: `ClassPlan`; kernels and biases as in `expert_feedforward`.
+        plan: `ClassPlan`.
+        weights: tuple of stacked expert weights, expert axis first.
+        experts: callable `(buffer [e, C, d], weights) -> [e, C, d_out]`
+            (`mlp_experts`, `gated_experts`).
 
     Returns:
         tensor `[N, d_out]`.
@@ -371,21 +371,19 @@ def class_mixture(
     boundaries = [sum(plan.class_sizes[:g + 1])
                   for g in range(len(plan.class_sizes) - 1)]
 
-    def by_class(weights):
-        permuted = permute_experts(weights, plan.expert_order)
+    def by_class(weight):
+        permuted = permute_experts(weight, plan.expert_order)
         if not boundaries:
             return [permuted]
         return ops.split(permuted, boundaries, axis=0)
 
+    class_weights = zip(*[by_class(weight) for weight in weights])
     outputs = []
-    for slots, w1, b1, w2, b2 in zip(
-        plan.slot_positions, by_class(hidden_kernel), by_class(hidden_bias),
-        by_class(output_kernel), by_class(output_bias),
-    ):
-        class_outputs = expert_feedforward(
-            gather_rows(inputs, slots), w1, b1, w2, b2, activation
+    for slots, own_weights in zip(plan.slot_positions, class_weights):
+        class_outputs = experts(gather_rows(inputs, slots), own_weights)
+        outputs.append(
+            ops.reshape(class_outputs, (-1, class_outputs.shape[-1]))
         )
-        outputs.append(ops.reshape(class_outputs, (-1, w2.shape[-1])))
     return combine(ops.concatenate(outputs, axis=0), expert_weights, plan)
 
 
@@ -481,11 +479,61 @@ def expert_feedforward(
     return outputs + output_bias[:, None, :]
 
 
+def mlp_experts(buffer, weights, activation):
+    """The paper's experts on a buffer: `act(x W1 + b1) W2 + b2`.
+
+    Args:
+        buffer: `[E, C, d]`.
+        weights: `(hidden_kernel [E, d, h], hidden_bias [E, h],
+            output_kernel [E, h, d_out], output_bias [E, d_out])`.
+        activation: callable.
+
+    Returns:
+        `[E, C, d_out]`.
+    """
+    return expert_feedforward(buffer, *weights, activation)
+
+
+def gated_experts(buffer, weights, activation):
+    """Gated experts (SwiGLU with `silu`): `(act(x Wg) * (x Wu)) Wd`.
+
+    Args:
+        buffer: `[E, C, d]`.
+        weights: `(gate_kernel [E, d, h], up_kernel [E, d, h],
+            down_kernel [E, h, d_out])`; no biases.
+        activation: callable applied to the gate branch.
+
+    Returns:
+        `[E, C, d_out]`.
+    """
+    gate_kernel, up_kernel, down_kernel = weights
+    hidden = activation(ops.matmul(buffer, gate_kernel)) * ops.matmul(
+        buffer, up_kernel
+    )
+    return ops.matmul(hidden, down_kernel)
+
+
+# The expert kinds: their stacked weights (name, rank; expert axis first,
+# "h" the hidden size) and the function that runs them on a buffer.
+EXPERT_KINDS = {
+    "mlp": (
+        (("hidden_kernel", ("d", "h")), ("hidden_bias", ("h",)),
+         ("output_kernel", ("h", "o")), ("output_bias", ("o",))),
+        mlp_experts,
+    ),
+    "gated": (
+        (("gate_kernel", ("d", "h")), ("up_kernel", ("d", "h")),
+         ("down_kernel", ("h", "o"))),
+        gated_experts,
+    ),
+}
+
+
 def dense_mixture(
     inputs, expert_weights, expert_indices, hidden_kernel, hidden_bias,
     output_kernel, output_bias, activation,
 ):
-    """Reference: run every expert on every position, then weight.
+    """Reference: run every (MLP) expert on every position, then weight.
 
     `E/k` times the work of the sparse path and `[E, N, h]` memory: for
     tests and benchmarks only.
@@ -497,14 +545,25 @@ def dense_mixture(
     Returns:
         tensor `[N, d_out]`.
     """
-    num_experts = hidden_kernel.shape[0]
+    return dense_experts_mixture(
+        inputs, expert_weights, expert_indices,
+        (hidden_kernel, hidden_bias, output_kernel, output_bias),
+        lambda buffer, weights: mlp_experts(buffer, weights, activation),
+    )
+
+
+def dense_experts_mixture(inputs, expert_weights, expert_indices, weights,
+                          experts):
+    """`dense_mixture` for any expert kind: `experts(buffer, weights)` runs
+    on every position (`buffer [E, N, d]`)."""
+    num_experts = weights[0].shape[0]
     gates = ops.sum(
         ops.one_hot(expert_indices, num_experts, dtype=inputs.dtype)
         * ops.cast(expert_weights, inputs.dtype)[..., None],
         axis=-2,
     )
-    hidden = ops.einsum("nd,edh->enh", inputs, hidden_kernel)
-    hidden = activation(hidden + hidden_bias[:, None, :])
-    outputs = ops.einsum("enh,eho->eno", hidden, output_kernel)
-    outputs = outputs + output_bias[:, None, :]
+    buffer = ops.broadcast_to(
+        inputs[None], (num_experts,) + tuple(ops.shape(inputs))
+    )
+    outputs = experts(buffer, weights)
     return ops.einsum("ne,eno->no", gates, outputs)

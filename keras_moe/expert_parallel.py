@@ -161,7 +161,7 @@ class ExpertParallel:
         """Which experts each device holds: `{layer name: {device: range}}`."""
         placement = {}
         for layer in _expert_layers(model):
-            pieces = self.local_values(layer.expert_hidden_kernel)
+            pieces = self.local_values(next(iter(layer.expert_variables.values())))
             start, devices = 0, {}
             for piece in pieces:
                 devices[piece.device] = range(start, start + piece.shape[0])
@@ -375,8 +375,8 @@ def jax_model_parallel(model_axis="model", batch_axis="batch", devices=None,
     """A `keras.distribution.ModelParallel` that shards experts (JAX).
 
     The device mesh is `batch x model`; every MoE weight's expert axis (the
-    first axis of `expert_hidden_kernel`, `expert_hidden_bias`,
-    `expert_output_kernel`, `expert_output_bias`) is sharded over
+    first axis of each weight in `layers.EXPERT_WEIGHT_RANKS`: the MLP
+    experts' kernels and biases, the gated experts' kernels) is sharded over
     `model_axis`, everything else is replicated, and batches are split over
     `batch_axis` (data parallel). Use it before building the model:
 

@@ -15,8 +15,8 @@ from keras_moe import dispatch
 
 
 def ragged_mixture(
-    inputs, expert_weights, expert_indices, hidden_kernel, hidden_bias,
-    output_kernel, output_bias, activation, mask=None,
+    inputs, expert_weights, expert_indices, weights, kind, activation,
+    mask=None,
 ):
     """Dropless mixture with static shapes, for the JAX backend.
 
@@ -29,34 +29,42 @@ def ragged_mixture(
 
     Args:
         inputs: `[N, d]`; expert_weights: `[N, k]` (zero where masked);
-        expert_indices: int `[N, k]`; kernels and biases as in
-        `expert_feedforward`; mask: optional bool `[N]`.
+        expert_indices: int `[N, k]`; weights: the stacked expert weights
+        of `kind` (`dispatch.EXPERT_KINDS`: "mlp" or "gated");
+        activation: callable; mask: optional bool `[N]`.
 
     Returns:
         tensor `[N, d_out]`.
     """
-    hidden_kernel = ops.convert_to_tensor(hidden_kernel)
-    output_kernel = ops.convert_to_tensor(output_kernel)
+    weights = [ops.convert_to_tensor(weight) for weight in weights]
     num_tokens = inputs.shape[0]
-    num_experts = hidden_kernel.shape[0]
+    num_experts = weights[0].shape[0]
     order, sorted_experts, counts = dispatch.sort_assignments(
         expert_indices, num_experts, mask
     )
     group_sizes = counts[:num_experts]
     sorted_positions = order % num_tokens
-    bias_rows = ops.minimum(sorted_experts, num_experts - 1)
     rows = ops.take(inputs, sorted_positions, axis=0)
-    hidden = jax.lax.ragged_dot(rows, hidden_kernel, group_sizes)
-    hidden = activation(hidden + ops.take(hidden_bias, bias_rows, axis=0))
-    outputs = jax.lax.ragged_dot(hidden, output_kernel, group_sizes)
-    outputs = outputs + ops.take(output_bias, bias_rows, axis=0)
-    weights = ops.take(
+    if kind == "gated":
+        gate_kernel, up_kernel, down_kernel = weights
+        hidden = activation(
+            jax.lax.ragged_dot(rows, gate_kernel, group_sizes)
+        ) * jax.lax.ragged_dot(rows, up_kernel, group_sizes)
+        outputs = jax.lax.ragged_dot(hidden, down_kernel, group_sizes)
+    else:
+        hidden_kernel, hidden_bias, output_kernel, output_bias = weights
+        bias_rows = ops.minimum(sorted_experts, num_experts - 1)
+        hidden = jax.lax.ragged_dot(rows, hidden_kernel, group_sizes)
+        hidden = activation(hidden + ops.take(hidden_bias, bias_rows, axis=0))
+        outputs = jax.lax.ragged_dot(hidden, output_kernel, group_sizes)
+        outputs = outputs + ops.take(output_bias, bias_rows, axis=0)
+    gate_values = ops.take(
         ops.reshape(ops.transpose(expert_weights), (-1,)), order
     )
-    weights = ops.where(sorted_experts < num_experts, weights, 0.0)
+    gate_values = ops.where(sorted_experts < num_experts, gate_values, 0.0)
     contributions = ops.where(
         (sorted_experts < num_experts)[:, None],
-        outputs * ops.cast(weights, outputs.dtype)[:, None],
+        outputs * ops.cast(gate_values, outputs.dtype)[:, None],
         0.0,
     )
     return ops.segment_sum(

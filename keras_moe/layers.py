@@ -22,13 +22,16 @@ if keras.backend.backend() == "jax":
 else:
     jax_dispatch = None
 
-# The stacked per-expert weights of every MoE layer, with their ranks; the
-# first axis of each is the expert axis.
+# The stacked per-expert weights of every MoE layer (each expert kind's),
+# with their ranks; the first axis of each is the expert axis:
+# `expert_hidden_kernel [E, d, h]`, `expert_hidden_bias [E, h]`,
+# `expert_output_kernel [E, h, d_out]`, `expert_output_bias [E, d_out]`
+# ("mlp"); `expert_gate_kernel`, `expert_up_kernel [E, d, h]`,
+# `expert_down_kernel [E, h, d_out]` ("gated").
 EXPERT_WEIGHT_RANKS = {
-    "expert_hidden_kernel": 3,   # [E, d, h]
-    "expert_hidden_bias": 2,     # [E, h]
-    "expert_output_kernel": 3,   # [E, h, d_out]
-    "expert_output_bias": 2,     # [E, d_out]
+    f"expert_{name}": 1 + len(axes)
+    for names, _ in dispatch.EXPERT_KINDS.values()
+    for name, axes in names
 }
 
 
@@ -61,7 +64,8 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         hidden_units,
         k=2,
         output_units=None,
-        activation="relu",
+        activation=None,
+        experts="mlp",
         noisy_gating=True,
         noise_epsilon=1e-2,
         importance_weight=0.1,
@@ -106,6 +110,14 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             "eval_capacity_factor", eval_capacity_factor, minimum=0.0,
             exclusive=True,
         )
+        if experts not in dispatch.EXPERT_KINDS:
+            raise ValueError(
+                f"`experts` must be one of {tuple(dispatch.EXPERT_KINDS)}. "
+                f"Received: experts={experts!r}"
+            )
+        self.experts = experts
+        if activation is None:
+            activation = "silu" if experts == "gated" else "relu"
         self.activation = keras.activations.get(activation)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
@@ -146,11 +158,26 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         """The stacked expert weights, expert axis first (after `build`).
 
         Returns:
-            dict name -> variable: `expert_hidden_kernel [E, d, h]`,
-            `expert_hidden_bias [E, h]`, `expert_output_kernel
-            [E, h, d_out]`, `expert_output_bias [E, d_out]`.
+            dict name -> variable, in the order the experts take them:
+            `expert_hidden_kernel [E, d, h]`, `expert_hidden_bias [E, h]`,
+            `expert_output_kernel [E, h, d_out]`, `expert_output_bias
+            [E, d_out]` (`experts="mlp"`), or `expert_gate_kernel`,
+            `expert_up_kernel [E, d, h]`, `expert_down_kernel [E, h, d_out]`
+            (`experts="gated"`).
         """
-        return {name: getattr(self, name) for name in EXPERT_WEIGHT_RANKS}
+        return {
+            f"expert_{name}": getattr(self, f"expert_{name}")
+            for name, _ in dispatch.EXPERT_KINDS[self.experts][0]
+        }
+
+    def _expert_weights(self):
+        return tuple(self.expert_variables.values())
+
+    def _run_experts(self, buffer, weights):
+        """The experts of this layer's kind on `buffer [E, C, d]`."""
+        return dispatch.EXPERT_KINDS[self.experts][1](
+            buffer, weights, self.activation
+        )
 
     def set_expert_relayout(self, to_expert_layout, to_token_layout):
         """Hooks for distribution code: where the experts' rows are computed.
@@ -174,39 +201,18 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             # A router given as an instance may come built (deserialised
             # from a `.keras` file, or built by its user).
             self.gating.build(input_shape)
-        experts = self.num_experts
-        kernel_initializer = _per_expert_initializer(
-            self.kernel_initializer, experts
-        )
-        shapes = {
-            "expert_hidden_kernel": (experts, input_dim, self.hidden_units),
-            "expert_hidden_bias": (experts, self.hidden_units),
-            "expert_output_kernel": (experts, self.hidden_units, output_dim),
-            "expert_output_bias": (experts, output_dim),
-        }
-        for name, shape in shapes.items():
-            is_kernel = name.endswith("kernel")
-            setattr(
-                self,
-                name,
-                self.add_weight(
-                    name=name,
-                    shape=shape,
-                    initializer=(
-                        kernel_initializer
-                        if is_kernel
-                        else self.bias_initializer
-                    ),
-                    regularizer=(
-                        self.kernel_regularizer
-                        if is_kernel
-                        else self.bias_regularizer
-                    ),
-                    dtype=self.variable_dtype,
-                ),
-            )
+        self._output_dim = output_dim
+        self._add_stacked_experts("expert", self.num_experts, input_dim)
         if self.shared_experts:
-            self._build_shared_experts(input_dim, output_dim)
+            self._add_stacked_experts(
+                "shared", self.shared_experts, input_dim
+            )
+            if self.shared_expert_gate:
+                self.shared_expert_gate_kernel = self.add_weight(
+                    name="shared_expert_gate_kernel", shape=(input_dim, 1),
+                    initializer=self.kernel_initializer,
+                    dtype=self.variable_dtype,
+                )
         self.dropped_assignments_total = statistics.add_accumulator(
             self, "dropped_assignments_total", ()
         )
@@ -214,25 +220,18 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             min_ndim=2, axes={-1: input_dim}
         )
 
-    def _build_shared_experts(self, input_dim, output_dim):
-        """`shared_experts` always-on experts, stacked like the routed ones
-        (`shared_hidden_kernel [S, d, h]`, `shared_hidden_bias [S, h]`,
-        `shared_output_kernel [S, h, d_out]`, `shared_output_bias
-        [S, d_out]`), and the optional gate `shared_gate_kernel [d, 1]`."""
-        count = self.shared_experts
+    def _add_stacked_experts(self, prefix, count, input_dim):
+        """Adds `count` experts of this layer's kind, stacked (expert axis
+        first), as `{prefix}_{name}` (`dispatch.EXPERT_KINDS`)."""
         kernel_initializer = _per_expert_initializer(
             self.kernel_initializer, count
         )
-        shapes = {
-            "shared_hidden_kernel": (count, input_dim, self.hidden_units),
-            "shared_hidden_bias": (count, self.hidden_units),
-            "shared_output_kernel": (count, self.hidden_units, output_dim),
-            "shared_output_bias": (count, output_dim),
-        }
-        for name, shape in shapes.items():
+        sizes = {"d": input_dim, "h": self.hidden_units, "o": self._output_dim}
+        for name, axes in dispatch.EXPERT_KINDS[self.experts][0]:
             is_kernel = name.endswith("kernel")
-            setattr(self, name, self.add_weight(
-                name=name, shape=shape,
+            setattr(self, f"{prefix}_{name}", self.add_weight(
+                name=f"{prefix}_{name}",
+                shape=(count,) + tuple(sizes[axis] for axis in axes),
                 initializer=(
                     kernel_initializer if is_kernel else self.bias_initializer
                 ),
@@ -242,22 +241,20 @@ class MixtureOfExpertsBase(keras.layers.Layer):
                 ),
                 dtype=self.variable_dtype,
             ))
-        if self.shared_expert_gate:
-            self.shared_gate_kernel = self.add_weight(
-                name="shared_gate_kernel", shape=(input_dim, 1),
-                initializer=self.kernel_initializer,
-                dtype=self.variable_dtype,
-            )
 
     def _shared_output(self, features, flat_mask):
         """The shared experts' sum on every position: `[N, d_out]`."""
-        hidden = ops.einsum("nd,sdh->nsh", features, self.shared_hidden_kernel)
-        hidden = self.activation(hidden + self.shared_hidden_bias)
-        outputs = ops.einsum("nsh,sho->no", hidden, self.shared_output_kernel)
-        outputs = outputs + ops.sum(self.shared_output_bias, axis=0)
+        weights = tuple(
+            getattr(self, f"shared_{name}")
+            for name, _ in dispatch.EXPERT_KINDS[self.experts][0]
+        )
+        buffer = ops.broadcast_to(
+            features[None], (self.shared_experts,) + tuple(ops.shape(features))
+        )
+        outputs = ops.sum(self._run_experts(buffer, weights), axis=0)
         if self.shared_expert_gate:
             outputs = outputs * ops.sigmoid(
-                ops.matmul(features, self.shared_gate_kernel)
+                ops.matmul(features, self.shared_expert_gate_kernel)
             )
         if flat_mask is not None:
             outputs = ops.where(
@@ -303,7 +300,7 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         expert_weights, expert_indices = self.gating(
             features, training=training, mask=flat_mask
         )
-        output_dim = self.expert_output_bias.shape[-1]
+        output_dim = self._output_dim
         if features.shape[0] == 0:
             # No positions (an empty batch or sequence): nothing to route.
             outputs = ops.zeros((0, output_dim), self.compute_dtype)
@@ -312,14 +309,8 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             and jax_dispatch is not None
         ):
             outputs = jax_dispatch.ragged_mixture(
-                features,
-                expert_weights,
-                expert_indices,
-                self.expert_hidden_kernel,
-                self.expert_hidden_bias,
-                self.expert_output_kernel,
-                self.expert_output_bias,
-                self.activation,
+                features, expert_weights, expert_indices,
+                self._expert_weights(), self.experts, self.activation,
                 mask=flat_mask,
             )
         else:
@@ -353,9 +344,8 @@ class MixtureOfExpertsBase(keras.layers.Layer):
                 mask=flat_mask,
             )
             return dispatch.class_mixture(
-                features, expert_weights, plan, self.expert_hidden_kernel,
-                self.expert_hidden_bias, self.expert_output_kernel,
-                self.expert_output_bias, self.activation,
+                features, expert_weights, plan, self._expert_weights(),
+                self._run_experts,
             )
         capacity = None
         if capacity_factor is not None:
@@ -371,14 +361,7 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         buffer = dispatch.dispatch(features, plan)
         if self._to_expert_layout is not None:
             buffer = self._to_expert_layout(buffer)
-        expert_outputs = dispatch.expert_feedforward(
-            buffer,
-            self.expert_hidden_kernel,
-            self.expert_hidden_bias,
-            self.expert_output_kernel,
-            self.expert_output_bias,
-            self.activation,
-        )
+        expert_outputs = self._run_experts(buffer, self._expert_weights())
         if self._to_token_layout is not None:
             expert_outputs = self._to_token_layout(expert_outputs)
         outputs = dispatch.combine(expert_outputs, expert_weights, plan)
@@ -413,6 +396,7 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             "load_weight": self.load_weight,
             "seed": self.seed,
             "activation": keras.activations.serialize(self.activation),
+            "experts": self.experts,
             "capacity_factor": self.capacity_factor,
             "eval_capacity_factor": self.eval_capacity_factor,
             "shared_experts": self.shared_experts,
@@ -438,8 +422,18 @@ def _arguments_doc(k_meaning):
         k: int. {k_meaning} Defaults to 2.
         output_units: int >= 1 or None. Output features `d_out`. Defaults
             to None, the input's feature size.
-        activation: activation of the experts' hidden layer. Defaults to
-            `"relu"` (the paper's experts).
+        activation: activation of the experts' hidden layer (of the gate
+            branch for gated experts). Defaults to `"relu"` (the paper's
+            experts), `"silu"` with `experts="gated"` (SwiGLU).
+        experts: `"mlp"` (default): `act(x W1 + b1) W2 + b2`, weights
+            `expert_hidden_kernel [E, d, h]`, `expert_hidden_bias [E, h]`,
+            `expert_output_kernel [E, h, d_out]`, `expert_output_bias
+            [E, d_out]`; or `"gated"` (Mixtral / Qwen / DeepSeek experts,
+            no biases): `(act(x Wg) * (x Wu)) Wd`, weights
+            `expert_gate_kernel`, `expert_up_kernel [E, d, h]`,
+            `expert_down_kernel [E, h, d_out]`. Both run through the same
+            dispatch (dropless and capacity, TensorFlow and JAX, expert
+            parallelism).
 {gating_lib.gate_arguments_doc(noisy_name="noisy_gating")}
         capacity_factor: float > 0 or None. None (default) is dropless:
             every chosen (position, expert) pair is computed. A float `c`
@@ -457,7 +451,7 @@ def _arguments_doc(k_meaning):
             parallelism). Defaults to 0.
         shared_expert_gate: bool. Scales the shared experts' sum by
             `sigmoid(x . w)` per position (Qwen-MoE), with a weight
-            `shared_gate_kernel [d, 1]`. Defaults to False.
+            `shared_expert_gate_kernel [d, 1]`. Defaults to False.
         kernel_initializer: initializer of each expert's kernels, applied
             per expert. Defaults to `"glorot_uniform"`.
         bias_initializer: initializer of the experts' biases. Defaults to
@@ -487,12 +481,13 @@ class MixtureOfExperts(MixtureOfExpertsBase):
     __doc__ = """Sparsely-gated Mixture-of-Experts layer (Shazeer et al. 2017).
 
     `y = sum_i G(x)_i * E_i(x)` with `G` a `NoisyTopKGating` over
-    `num_experts` experts `E_i(x) = act(x W1_i + b1_i) W2_i + b2_i`. Only
-    the `k` chosen experts are computed for each position. Expert weights
-    are stored stacked, expert axis first: `expert_hidden_kernel`
-    `[E, d, h]`, `expert_hidden_bias` `[E, h]`, `expert_output_kernel`
-    `[E, h, d_out]`, `expert_output_bias` `[E, d_out]`. `layer.gating` is
-    the gate, whichever router it is.
+    `num_experts` experts `E_i(x) = act(x W1_i + b1_i) W2_i + b2_i` (or
+    gated experts, `experts="gated"`). Only the `k` chosen experts are
+    computed for each position. Expert weights are stored stacked, expert
+    axis first (`expert_variables`): `expert_hidden_kernel` `[E, d, h]`,
+    `expert_hidden_bias` `[E, h]`, `expert_output_kernel` `[E, h, d_out]`,
+    `expert_output_bias` `[E, d_out]`. `layer.gating` is the gate,
+    whichever router it is.
 
     Args:
         num_experts: int >= 1. Number of experts `E`.

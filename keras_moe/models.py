@@ -25,6 +25,7 @@ def language_model(
     importance_weight=0.1,
     load_weight=0.1,
     seed=None,
+    experts="mlp",
     name=None,
     sequence_length=None,
     unroll=False,
@@ -47,7 +48,7 @@ def language_model(
             `num_experts // hierarchical_groups` experts.
         dropout: float. Dropout rate on embeddings and residual branches.
         capacity_factor, noisy_gating, importance_weight, load_weight,
-        seed: passed to the MoE layer.
+        seed, experts: passed to the MoE layer.
         name: model name.
         sequence_length: optional int. A fixed number of time steps
             (`None`: any).
@@ -80,6 +81,7 @@ def language_model(
             importance_weight=importance_weight,
             load_weight=load_weight,
             seed=seed,
+            experts=experts,
             name="moe",
         )
         if hierarchical_groups:

@@ -160,7 +160,7 @@ def public_layer_cases():
         (keras_moe.HierarchicalNoisyTopKGating, dict(num_groups=3, experts_per_group=2, k=2, seed=1), [(3, 4, 4)] * 2, 4, 1),
         (keras_moe.MixtureOfExperts, dict(num_experts=6, hidden_units=8, seed=1), [(3, 4, 5)], 6, 1),
         (keras_moe.MixtureOfExperts, dict(num_experts=6, hidden_units=8, output_units=3, capacity_factor=1.5, eval_capacity_factor=2.0, noisy_gating=False), [(3, 4, 3)], 5, 1),
-        (keras_moe.HierarchicalMixtureOfExperts, dict(num_groups=2, experts_per_group=3, hidden_units=8, k=2, seed=2), [(3, 4, 5)], 8, 1),
+        (keras_moe.HierarchicalMixtureOfExperts, dict(num_groups=2, experts_per_group=3, hidden_units=8, k=2, seed=2, experts="gated"), [(3, 4, 5)], 7, 1),
         (keras_moe.SoftmaxTopKGating, dict(num_experts=6, k=2, z_loss_weight=1e-3, jitter=0.1, seed=1), [(3, 4, 2)] * 2, 1, 1),
         (keras_moe.MixtureOfExperts, dict(num_experts=6, hidden_units=8, router="softmax_top_k", capacity_factor=2.0, shared_experts=2, shared_expert_gate=True), [(3, 4, 5)], 10, 1),
     ]

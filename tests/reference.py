@@ -132,6 +132,15 @@ def moe_output(x, dense_gates, hidden_kernel, hidden_bias, output_kernel, output
     return np.einsum("ne,eno->no", dense_gates, outputs)
 
 
+def gated_moe_output(x, dense_gates, gate_kernel, up_kernel, down_kernel):
+    """y = sum_i G(x)_i (silu(x Wg_i) * (x Wu_i)) Wd_i, densely (SwiGLU)."""
+    x = np.asarray(x, np.float64)
+    gate = np.einsum("nd,edh->enh", x, gate_kernel)
+    hidden = gate / (1.0 + np.exp(-gate)) * np.einsum("nd,edh->enh", x, up_kernel)
+    outputs = np.einsum("enh,eho->eno", hidden, down_kernel)
+    return np.einsum("ne,eno->no", dense_gates, outputs)
+
+
 def softmax_router(logits, k, normalize=True, mask=None, selection_bias=None):
     """The softmax top-k router (issue 14's definition), densely.
 

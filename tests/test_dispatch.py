@@ -202,13 +202,17 @@ JAX_SCRIPT = textwrap.dedent(
         for layer in (
             keras_moe.MixtureOfExperts(6, 10, k=2, capacity_factor=capacity_factor),
             keras_moe.HierarchicalMixtureOfExperts(2, 3, 10, k=2, capacity_factor=capacity_factor),
+            keras_moe.MixtureOfExperts(6, 10, k=2, capacity_factor=capacity_factor, experts="gated"),
         ):
             layer_checks.randomise_weights(layer, seed=1, input_shape=x.shape)
-            experts = layer_checks.expert_arrays(layer)
             weights, indices = (np.asarray(t) for t in layer.gating(x))
             gates = np.zeros((30, layer.num_experts))
             np.put_along_axis(gates, indices, weights, axis=1)
-            expected = reference.moe_output(x, gates, *experts)
+            if layer.experts == "gated":
+                expected = reference.gated_moe_output(
+                    x, gates, *[np.asarray(v) for v in layer.expert_variables.values()])
+            else:
+                expected = reference.moe_output(x, gates, *layer_checks.expert_arrays(layer))
             # Compiled for real: jax.jit of the layer's stateless call.
             compiled = jax.jit(
                 lambda trainable, non_trainable, x: layer.stateless_call(
@@ -331,20 +335,70 @@ def test_classes_equal_the_dense_reference_in_outputs_and_gradients(classes_alwa
 
 
 def test_the_layer_uses_classes_only_when_they_pay_off():
-    assert dispatch.classes_pay_off(4096, 2, 64)
-    assert dispatch.classes_pay_off(64 * 1024, 2, 1024)  # the paper's regime
+    assert dispatch.classes_pay_off(64 * 256, 2, 256)  # the paper's regime
+    assert dispatch.classes_pay_off(64 * 1024, 2, 1024)
+    assert not dispatch.classes_pay_off(4096, 2, 64)  # a small batch
     assert not dispatch.classes_pay_off(4096, 2, 256)  # 32 rows per expert
-    assert not dispatch.classes_pay_off(4096, 2, 8)  # classes of one expert
+    assert not dispatch.classes_pay_off(64 * 1024, 2, 8)  # classes of one expert
     assert not dispatch.classes_pay_off(None, 2, 64)  # unknown when traced
     calls = []
     layer = _layer(16, 2, seed=1)
     original = dispatch.plan_classes
     try:
         dispatch.plan_classes = lambda *a, **kw: calls.append(1) or original(*a, **kw)
-        x = np.random.default_rng(1).normal(size=(4096, 6)).astype("float32")
+        x = np.random.default_rng(1).normal(size=(16384, 6)).astype("float32")
         np.testing.assert_allclose(
             _np(layer(x)), layer_checks.dense_reference(layer, x), rtol=1e-4, atol=1e-5
         )
         assert calls
     finally:
         dispatch.plan_classes = original
+
+
+# Gated (SwiGLU) experts on the same dispatch ------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dropless", "capacity", "classes"])
+def test_gated_experts_equal_the_dense_reference(mode, monkeypatch):
+    if mode == "classes":
+        monkeypatch.setattr(dispatch, "NUM_CLASSES", 3)
+        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS", 0)
+        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS_PER_EXPERT", 0)
+    layer = keras_moe.MixtureOfExperts(
+        9, 10, k=2, seed=6, experts="gated",
+        capacity_factor=9.0 if mode == "capacity" else None,
+    )
+    layer_checks.randomise_weights(layer, 6, input_shape=(None, 6))
+    assert list(layer.expert_variables) == [
+        "expert_gate_kernel", "expert_up_kernel", "expert_down_kernel"]
+    assert layer.expert_gate_kernel.shape == (9, 6, 10)
+    assert layer.expert_down_kernel.shape == (9, 10, 6)
+    assert layer.get_config()["activation"] == "silu"
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(30, 6)).astype("float32"))
+    probe = tf.constant(rng.normal(size=(30, 6)).astype("float32"))
+    weights, indices = (_np(t) for t in layer.gating(x))
+    gates = np.zeros((30, 9))
+    np.put_along_axis(gates, indices, weights, axis=1)
+    expected = reference.gated_moe_output(
+        x.numpy(), gates, *[_np(v) for v in layer.expert_variables.values()]
+    )
+    variables = list(layer.expert_variables.values()) + [layer.gating.gate_kernel]
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = layer(x)
+        sparse = tf.reduce_sum(y * probe)
+        w, i = layer.gating(x)
+        dense = tf.reduce_sum(dispatch.dense_experts_mixture(
+            x, w, i, tuple(layer.expert_variables.values()), layer._run_experts) * probe)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-4, atol=1e-5)
+    for got, want in zip(tape.gradient(sparse, [x] + variables),
+                         tape.gradient(dense, [x] + variables)):
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(got).numpy(), tf.convert_to_tensor(want).numpy(),
+            rtol=1e-4, atol=1e-5)
+
+
+def test_experts_argument_is_checked():
+    with pytest.raises(ValueError, match="`experts` must be one of"):
+        keras_moe.MixtureOfExperts(4, 8, experts="swiglu")

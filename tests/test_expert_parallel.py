@@ -24,16 +24,16 @@ from tensorflow.experimental import dtensor
 import keras
 import keras_moe
 
-def lstm_moe_model(kind="flat", seq=10, vocab=40):
+def lstm_moe_model(kind="flat", seq=10, vocab=40, experts="mlp"):
     keras.utils.set_random_seed(0)
     # One-hot inputs, not an Embedding: Keras applies an Embedding's sparse
     # gradient lazily in Adam, which the dense update under DTensor is not.
     inputs = keras.Input(shape=(seq, vocab))
     h = keras.layers.LSTM(16, return_sequences=True, unroll=True)(inputs)
     if kind == "flat":
-        moe = keras_moe.MixtureOfExperts(8, 32, capacity_factor=2.0, seed=1, name="moe")
+        moe = keras_moe.MixtureOfExperts(8, 32, capacity_factor=2.0, seed=1, name="moe", experts=experts)
     else:
-        moe = keras_moe.HierarchicalMixtureOfExperts(2, 4, 32, capacity_factor=2.0, seed=1, name="moe")
+        moe = keras_moe.HierarchicalMixtureOfExperts(2, 4, 32, capacity_factor=2.0, seed=1, name="moe", experts=experts)
     h = moe(h)
     model = keras.Model(inputs, keras.layers.Dense(vocab)(h))
     model.compile(keras.optimizers.Adam(0.02), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -82,15 +82,16 @@ def test_dtensor_shards_experts_and_matches_the_unsharded_layer(tmp_path, batch_
 
         x, y = data()
         batch_shards = {batch_shards}
-        for kind in ("flat", "hierarchical"):
-            reference = lstm_moe_model(kind)
-            sharded = lstm_moe_model(kind)
+        # The hierarchical layer with gated (SwiGLU) experts.
+        for kind, experts in (("flat", "mlp"), ("hierarchical", "gated")):
+            reference = lstm_moe_model(kind, experts=experts)
+            sharded = lstm_moe_model(kind, experts=experts)
             sharded.set_weights(reference.get_weights())
             parallel = expert_parallel.ExpertParallel(batch_shards=batch_shards)
             assert parallel.expert_shards == 4 // batch_shards
             parallel.distribute(sharded)
             moe = sharded.get_layer("moe")
-            assert len(moe.expert_variables) == 4
+            assert len(moe.expert_variables) == {"mlp": 4, "gated": 3}[experts]
             for name, variable in moe.expert_variables.items():
                 layout = parallel.layout_of(variable)
                 assert layout.sharding_specs[0] == "expert", (name, layout)
@@ -218,23 +219,26 @@ def test_jax_model_parallel_shards_experts_and_fits_with_lstm(tmp_path):
         x = rng.integers(0, 40, size=(64, 10)).astype("int32")
         y = np.roll(x, 1, axis=1)
 
-        def build(capacity_factor=2.0):
+        def build(capacity_factor=2.0, experts="mlp"):
             model = models.language_model(40, model_dim=16, num_experts=8, hidden_units=16,
-                                          capacity_factor=capacity_factor, seed=1)
+                                          capacity_factor=capacity_factor, seed=1,
+                                          experts=experts)
             model.compile(keras.optimizers.Adam(1e-2),
                           keras.losses.SparseCategoricalCrossentropy(from_logits=True))
             return model
 
-        reference = build()  # no distribution: everything on one device
-        want = reference.predict(x, batch_size=16, verbose=0)
-        # 1 x 4 mesh, capacity mode; 2 x 2 mesh, dropless (ragged_dot).
-        for expert_shards, capacity_factor in ((4, 2.0), (2, None)):
+        # 1 x 4 mesh, capacity mode; 2 x 2 mesh, dropless (ragged_dot)
+        # with gated (SwiGLU) experts.
+        for expert_shards, capacity_factor, experts in ((4, 2.0, "mlp"), (2, None, "gated")):
+            keras.distribution.set_distribution(None)
+            reference = build(experts=experts)  # no distribution: one device
+            want = reference.predict(x, batch_size=16, verbose=0)
             keras.distribution.set_distribution(
                 expert_parallel.jax_model_parallel(expert_shards=expert_shards))
-            model = build(capacity_factor)
+            model = build(capacity_factor, experts)
             model.set_weights(reference.get_weights())
             moe = model.get_layer("moe")
-            assert len(moe.expert_variables) == 4
+            assert len(moe.expert_variables) == {"mlp": 4, "gated": 3}[experts]
             for name, variable in moe.expert_variables.items():
                 value = variable.value
                 spec = value.sharding.spec
@@ -248,7 +252,8 @@ def test_jax_model_parallel_shards_experts_and_fits_with_lstm(tmp_path):
             print(expert_shards, losses)
             assert losses[-1] < losses[0] - 0.02, losses
             # Training kept the experts where they were.
-            assert moe.expert_hidden_kernel.value.sharding.spec[0] == "model"
+            first = next(iter(moe.expert_variables.values()))
+            assert first.value.sharding.spec[0] == "model"
             keras.distribution.set_distribution(None)
         print("DONE")
         """,

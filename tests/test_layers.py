@@ -301,7 +301,7 @@ def test_shared_experts_add_their_output_to_every_unmasked_position(gate):
     )
     shared = sum(np.maximum(x @ w1[s] + b1[s], 0.0) @ w2[s] + b2[s] for s in range(2))
     if gate:
-        shared = shared / (1.0 + np.exp(-(x @ _np(layer.shared_gate_kernel))))
+        shared = shared / (1.0 + np.exp(-(x @ _np(layer.shared_expert_gate_kernel))))
     expected = layer_checks.dense_reference(layer, x) + shared
     expected[~mask] = 0.0
     np.testing.assert_allclose(_np(layer(x, mask=mask)), expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,163 @@
+"""Sparse compute for keras-hub's Mixtral MoE blocks, on the same weights.
+
+keras-hub's `MixtralSparseMoeBlock` runs every expert on every token and
+masks the result (`E / k` times the expert FLOPs, and `[E, N, h]`
+activations). `sparsify(model)` makes each such block of a model run only
+the chosen experts, through this package's dispatch (`keras_moe.dispatch`:
+one capacity or capacity classes on TensorFlow, `jax.lax.ragged_dot` on
+JAX), with the block's own router and expert weights: the same outputs,
+router logits, auxiliary loss and gradients, at the cost of the experts
+actually chosen.
+
+```python
+backbone = keras_hub.models.MixtralBackbone.from_preset(...)  # or from config
+keras_moe.hub.sparsify(backbone)   # returns the names of the blocks changed
+```
+
+The change is to the blocks' `call`, not to the model's configuration or
+weights: a model saved and loaded again is keras-hub's (dense) one, with
+the same weights; call `sparsify` again after loading.
+"""
+
+import keras
+from keras import ops
+
+from keras_moe import compat
+from keras_moe import dispatch
+
+if keras.backend.backend() == "jax":
+    from keras_moe import jax_dispatch
+else:
+    jax_dispatch = None
+
+
+def _mixtral_block_class():
+    try:
+        from keras_hub.src.models.mixtral.mixtral_decoder import (
+            MixtralSparseMoeBlock,
+        )
+    except ImportError as error:
+        raise ImportError(
+            "keras_moe.hub needs keras-hub (pip install keras-hub)."
+        ) from error
+    return MixtralSparseMoeBlock
+
+
+def sparsify(model):
+    """Makes every keras-hub Mixtral MoE block of `model` compute sparsely.
+
+    Args:
+        model: a Keras model or layer containing
+            `MixtralSparseMoeBlock`s (e.g. a `MixtralBackbone`, built).
+
+    Returns:
+        list of the names of the blocks changed (empty if none).
+    """
+    block_class = _mixtral_block_class()
+    changed = []
+    for layer in [model] + compat.flatten_layers(model):
+        if isinstance(layer, block_class) and not getattr(
+            layer, "_keras_moe_sparse", False
+        ):
+            layer.call = _sparse_mixtral_call(layer)
+            layer._keras_moe_sparse = True
+            changed.append(layer.name)
+    return changed
+
+
+def _gated_experts_float32_gate(activation, compute_dtype):
+    """keras-hub's Mixtral expert: the gate branch activated in float32."""
+
+    def experts(buffer, weights):
+        gate_kernel, up_kernel, down_kernel = weights
+        gate = ops.cast(ops.matmul(buffer, gate_kernel), "float32")
+        gate = ops.cast(activation(gate), compute_dtype)
+        return ops.matmul(gate * ops.matmul(buffer, up_kernel), down_kernel)
+
+    return experts
+
+
+def sparse_mixture(features, gate_values, expert_indices, weights, experts,
+                   kind, activation):
+    """Only the chosen experts on `features [N, d]`, dropless: `[N, d_out]`.
+
+    Args:
+        features: `[N, d]`; gate_values: `[N, k]`; expert_indices: int
+            `[N, k]`.
+        weights: the stacked expert weights of `kind`
+            (`dispatch.EXPERT_KINDS`).
+        experts: callable `(buffer [E, C, d], weights) -> [E, C, d_out]`.
+        kind, activation: for the JAX grouped-matmul path.
+    """
+    num_experts = weights[0].shape[0]
+    if jax_dispatch is not None:
+        return jax_dispatch.ragged_mixture(
+            features, gate_values, expert_indices, weights, kind, activation
+        )
+    if dispatch.classes_pay_off(
+        features.shape[0], expert_indices.shape[1], num_experts
+    ):
+        plan = dispatch.plan_classes(
+            expert_indices, num_experts, dispatch.NUM_CLASSES
+        )
+        return dispatch.class_mixture(
+            features, gate_values, plan, weights, experts
+        )
+    plan = dispatch.plan_dispatch(expert_indices, num_experts)
+    return dispatch.combine(
+        experts(dispatch.dispatch(features, plan), weights), gate_values, plan
+    )
+
+
+def _sparse_mixtral_call(block):
+    """The sparse `call` of one `MixtralSparseMoeBlock` (same contract:
+    `(hidden_states, attention_mask=None, training=False) -> (outputs,
+    router_logits)`)."""
+    from keras_hub.src.models.mixtral.mixtral_decoder import (
+        compute_load_balancing_loss,
+    )
+
+    def call(hidden_states, attention_mask=None, training=False):
+        leading_shape = ops.shape(hidden_states)[:-1]
+        features = ops.reshape(hidden_states, (-1, block.hidden_dim))
+        router_inputs = features
+        if training and block.router_jitter_noise > 0:
+            router_inputs = features * keras.random.uniform(
+                ops.shape(features),
+                minval=1.0 - block.router_jitter_noise,
+                maxval=1.0 + block.router_jitter_noise,
+                dtype=features.dtype,
+            )
+        router_logits = block._sparse_feedforward_gate_dense(router_inputs)
+        probabilities = ops.softmax(router_logits, axis=-1)
+        top_values, top_indices = ops.top_k(probabilities, k=block.top_k)
+        top_values = top_values / ops.sum(top_values, axis=-1, keepdims=True)
+        bank = block.expert_bank
+        weights = (
+            bank._expert_feedforward_gate_dense,
+            bank._expert_feedforward_intermediate_dense,
+            bank._expert_feedforward_output_dense,
+        )
+        outputs = sparse_mixture(
+            features,
+            ops.cast(top_values, features.dtype),
+            ops.cast(top_indices, "int32"),
+            weights,
+            _gated_experts_float32_gate(bank.activation, bank.compute_dtype),
+            "gated",
+            bank.activation,
+        )
+        outputs = ops.reshape(outputs, leading_shape + (block.hidden_dim,))
+        if training:
+            block.add_loss(
+                block.router_aux_loss_coef
+                * compute_load_balancing_loss(
+                    router_logits=router_logits,
+                    num_experts=block.num_experts,
+                    top_k=block.top_k,
+                    attention_mask=attention_mask,
+                )
+            )
+        return outputs, router_logits
+
+    return call

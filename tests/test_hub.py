@@ -1,0 +1,74 @@
+"""keras_moe.hub: keras-hub's Mixtral blocks computed sparsely, same weights."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+keras_hub = pytest.importorskip("keras_hub")
+
+import keras  # noqa: E402
+
+from keras_moe import dispatch  # noqa: E402
+from keras_moe import hub  # noqa: E402
+
+
+def _backbone(num_experts=4, top_k=2):
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.MixtralBackbone(
+        vocabulary_size=50, num_layers=2, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=16, intermediate_dim=24,
+        num_experts=num_experts, top_k=top_k, dtype="float32",
+    )
+
+
+def _inputs(batch=3, length=7):
+    rng = np.random.default_rng(0)
+    mask = np.ones((batch, length), "int32")
+    mask[0, 5:] = 0
+    return {
+        "token_ids": rng.integers(1, 50, size=(batch, length)).astype("int32"),
+        "padding_mask": mask,
+    }
+
+
+def _loss_and_gradients(model, inputs, probe):
+    with tf.GradientTape() as tape:
+        outputs = model(inputs, training=True)
+        loss = tf.reduce_sum(outputs * probe) + tf.add_n(model.losses)
+    return outputs, loss, tape.gradient(loss, model.trainable_variables)
+
+
+@pytest.mark.parametrize("classes", [False, True])
+def test_sparse_mixtral_equals_keras_hub_in_outputs_losses_and_gradients(classes, monkeypatch):
+    if classes:
+        monkeypatch.setattr(dispatch, "NUM_CLASSES", 3)
+        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS", 0)
+        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS_PER_EXPERT", 0)
+    dense, sparse = _backbone(num_experts=6), _backbone(num_experts=6)
+    sparse.set_weights(dense.get_weights())
+    changed = hub.sparsify(sparse)
+    assert len(changed) == 2  # one block per decoder layer
+    assert hub.sparsify(sparse) == []  # once only
+    inputs = _inputs()
+    np.testing.assert_allclose(
+        sparse(inputs).numpy(), dense(inputs).numpy(), rtol=1e-5, atol=1e-5
+    )
+    probe = tf.random.stateless_normal((3, 7, 16), seed=(1, 2))
+    want = _loss_and_gradients(dense, inputs, probe)
+    got = _loss_and_gradients(sparse, inputs, probe)
+    assert len(sparse.losses) == 2  # the auxiliary loss of each block
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5)
+    assert sum(w is not None for w in want[2]) > 10
+    for g, w in zip(got[2], want[2]):
+        if w is None:  # a weight the loss does not reach, in both
+            assert g is None
+            continue
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(g).numpy(), tf.convert_to_tensor(w).numpy(),
+            rtol=1e-4, atol=1e-5,
+        )
+
+
+def test_sparsify_finds_nothing_in_other_models():
+    inputs = keras.Input((4,))
+    assert hub.sparsify(keras.Model(inputs, keras.layers.Dense(2)(inputs))) == []
