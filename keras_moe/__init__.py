@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _PUBLIC = {
+    "ExpertChoiceGating": "gating",
     "HierarchicalMixtureOfExperts": "layers",
     "HierarchicalNoisyTopKGating": "gating",
     "MixtureOfExperts": "layers",

@@ -387,6 +387,33 @@ def class_mixture(inputs, expert_weights, plan, weights, experts):
     return combine(ops.concatenate(outputs, axis=0), expert_weights, plan)
 
 
+def expert_choice_combine(expert_outputs, gate_values, slot_positions,
+                          num_tokens):
+    """Sums the outputs of expert choice back into positions.
+
+    Args:
+        expert_outputs: `[E, C, d_out]`, expert `e`'s output for its `c`-th
+            chosen position.
+        gate_values: `[E, C]`; slot_positions: int32 `[E, C]` (`N` for an
+            empty slot, whose gate value is 0).
+        num_tokens: int `N`.
+
+    Returns:
+        `[N, d_out]`: `sum_e g[e, c] * out[e, c]` over the slots holding
+        each position (zeros for a position no expert took).
+    """
+    output_dim = expert_outputs.shape[-1]
+    weighted = expert_outputs * ops.cast(
+        gate_values, expert_outputs.dtype
+    )[..., None]
+    sums = ops.segment_sum(
+        ops.reshape(weighted, (-1, output_dim)),
+        ops.reshape(slot_positions, (-1,)),
+        num_segments=num_tokens + 1,
+    )
+    return sums[:num_tokens]
+
+
 def dispatch(inputs, plan):
     """Gathers each expert's positions into its rows of the buffer.
 

@@ -1013,6 +1013,184 @@ class SoftmaxTopKGating(_RouterBase):
         }
 
 
+def expert_choice_gating(logits, capacity, positions=None):
+    """Expert choice (Zhou et al. 2022) on one batch: experts pick positions.
+
+    `P(x) = softmax(logits)` over the `n` experts; expert `i` takes the
+    `capacity` unmasked positions with the largest `P(x)_i`, with `P(x)_i`
+    as gate value. A position may be taken by 0 to `n` experts. Exact ties
+    are spread round-robin (expert `i` prefers positions from
+    `i * capacity` on), so an untrained router still covers every
+    position.
+
+    Args:
+        logits: float32 `[N, n]`.
+        capacity: int `C`, `1 <= C <= N`.
+        positions: float32 `[N, 1]` (`position_mask`).
+
+    Returns:
+        `(gate_values [n, C], slot_positions [n, C], importance [n],
+        tokens_per_expert [n])`: the positions each expert took (`N` for a
+        slot left empty because too few positions are unmasked), their
+        gate values (0 there), and per expert the sum of its gate values
+        and the number of positions it took.
+    """
+    num_experts = logits.shape[-1]
+    num_tokens = ops.shape(logits)[0]
+    if positions is None:
+        positions = position_mask(None, ops.shape(logits)[:-1])
+    probabilities = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+    keep = ops.transpose(positions) > 0  # [1, N]
+    scores = ops.where(keep, ops.transpose(probabilities), -1.0)  # [n, N]
+    # Exact ties go to the lowest index under `top_k`: expert i sees the
+    # positions rotated to start at `i * capacity`, so that tied experts
+    # take consecutive blocks round-robin instead of the same positions.
+    rotated = ops.mod(
+        ops.arange(num_tokens, dtype="int32")[None, :]
+        + capacity * ops.arange(num_experts, dtype="int32")[:, None],
+        ops.maximum(num_tokens, 1),
+    )
+    _, picks = ops.top_k(ops.take_along_axis(scores, rotated, axis=-1),
+                         k=capacity)
+    slot_positions = ops.take_along_axis(
+        rotated, ops.cast(picks, "int32"), axis=-1
+    )
+    gate_values = ops.take_along_axis(
+        ops.transpose(probabilities), slot_positions, axis=-1
+    )
+    taken = ops.take_along_axis(
+        ops.broadcast_to(keep, ops.shape(scores)), slot_positions, axis=-1
+    )
+    gate_values = ops.where(taken, gate_values, 0.0)
+    slot_positions = ops.where(taken, slot_positions, num_tokens)
+    importance = ops.sum(gate_values, axis=-1)
+    tokens_per_expert = ops.sum(ops.cast(taken, "float32"), axis=-1)
+    return gate_values, slot_positions, importance, tokens_per_expert
+
+
+@keras.saving.register_keras_serializable(package="keras_moe")
+class ExpertChoiceGating(_RouterBase):
+    """Expert-choice router (Zhou et al. 2022): each expert picks positions.
+
+    Probabilities `P(x) = softmax(x . gate_kernel)` over the experts; each
+    expert takes the `C = ceil(capacity_factor * N * k / E)` positions of
+    the batch (at most `N`) with the largest probability for it, with that
+    probability as gate value (`expert_choice_gating`). Every expert is
+    exactly full, so no balancing loss is needed; a position may get 0 to
+    `E` experts (`k` on average).
+
+    **It looks across the batch**: which experts a position gets depends on
+    the other positions of the batch, including later time steps. It does
+    not suit autoregressive decoding (one position at a time), and a
+    position's output changes with the batch it is served in.
+
+    Used through `MixtureOfExperts(..., router="expert_choice")` or as a
+    `router` instance; on its own, `call` returns
+    `(gate_values [E, C], slot_positions [E, C])`. Float32 whatever the
+    dtype policy.
+
+    Args:
+        num_experts: int >= 1. Number of experts `E`.
+        k: int >= 1. Experts per position on average. Defaults to 2.
+        capacity_factor: float > 0. Defaults to 1.0.
+        seed: int >= 0 or None. Unused (no noise); kept for the common
+            router arguments. Defaults to None.
+        kernel_initializer: initializer of `gate_kernel [d, E]`. Defaults
+            to `"zeros"` (ties: positions are spread round-robin).
+        **kwargs: base `keras.layers.Layer` arguments.
+    """
+
+    def __init__(self, num_experts, k=2, capacity_factor=1.0, seed=None,
+                 kernel_initializer="zeros", **kwargs):
+        super().__init__(
+            seed=seed, kernel_initializer=kernel_initializer, **kwargs
+        )
+        self.num_experts = validation.integer("num_experts", num_experts)
+        self.k = validation.integer("k", k)
+        self.capacity_factor = validation.number(
+            "capacity_factor", capacity_factor, minimum=0.0, exclusive=True
+        )
+
+    @property
+    def num_routed_experts(self):
+        return self.num_experts
+
+    @property
+    def experts_per_position(self):
+        return self.k
+
+    def capacity(self, num_tokens):
+        """`C` for `num_tokens` positions (an int, or a scalar tensor)."""
+        if isinstance(num_tokens, int):
+            return max(1, min(num_tokens, math.ceil(
+                self.capacity_factor * num_tokens * self.k / self.num_experts
+            )))
+        raise ValueError(
+            "Expert choice needs the number of positions when traced "
+            "(a static batch and sequence length)."
+        )
+
+    def build(self, input_shape):
+        validation.feature_input(self, input_shape)
+        input_dim = input_shape[-1]
+        self.gate_kernel = self._add_kernel(
+            "gate_kernel", input_dim, self.num_experts
+        )
+        self._build_statistics()
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=2, axes={-1: input_dim}
+        )
+
+    def route(self, inputs, training=None, mask=None):
+        """Routes a batch; returns a `Routing` whose `expert_weights` and
+        `expert_indices` are the `[E, C]` gate values and positions."""
+        features, positions, _ = self._gate_inputs(inputs, mask)
+        capacity = self.capacity(features.shape[0])
+        gate_values, slot_positions, importance, tokens_per_expert = (
+            expert_choice_gating(
+                ops.matmul(features, self.gate_kernel), capacity, positions
+            )
+        )
+        importance, tokens_per_expert, num_positions = (
+            replicas.global_batch_sums(
+                [importance, tokens_per_expert, ops.sum(positions)]
+            )
+        )
+        return Routing(
+            gate_values, slot_positions, importance, tokens_per_expert,
+            tokens_per_expert, num_positions,
+        )
+
+    def _balancing_loss(self, routing):
+        return None
+
+    def compute_output_shape(self, input_shape):
+        num_tokens = 1
+        for size in tuple(input_shape)[:-1]:
+            num_tokens = None if size is None or num_tokens is None else (
+                num_tokens * size
+            )
+        capacity = None if num_tokens is None else self.capacity(num_tokens)
+        shape = (self.num_experts, capacity)
+        return shape, shape
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        validation.feature_input(self, inputs.shape, inputs.dtype)
+        shape, _ = self.compute_output_shape(inputs.shape)
+        return (
+            keras.KerasTensor(shape, dtype="float32"),
+            keras.KerasTensor(shape, dtype="int32"),
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_experts": self.num_experts,
+            "k": self.k,
+            "capacity_factor": self.capacity_factor,
+        }
+
+
 @keras.saving.register_keras_serializable(package="keras_moe")
 class HierarchicalNoisyTopKGating(_GatingBase):
     __doc__ = """Two-level noisy top-k gating (Shazeer et al. 2017, Appendix B).

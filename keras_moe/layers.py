@@ -304,6 +304,18 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         if features.shape[0] == 0:
             # No positions (an empty batch or sequence): nothing to route.
             outputs = ops.zeros((0, output_dim), self.compute_dtype)
+        elif isinstance(self.gating, gating_lib.ExpertChoiceGating):
+            # expert_weights, expert_indices: [E, C] gate values, positions.
+            buffer = dispatch.gather_rows(features, expert_indices)
+            if self._to_expert_layout is not None:
+                buffer = self._to_expert_layout(buffer)
+            expert_outputs = self._run_experts(buffer, self._expert_weights())
+            if self._to_token_layout is not None:
+                expert_outputs = self._to_token_layout(expert_outputs)
+            outputs = dispatch.expert_choice_combine(
+                expert_outputs, expert_weights, expert_indices,
+                features.shape[0],
+            )
         elif (
             self._capacity_factor(training) is None
             and jax_dispatch is not None
@@ -495,7 +507,11 @@ class MixtureOfExperts(MixtureOfExpertsBase):
         router: `"noisy_top_k"` (default: the paper's `NoisyTopKGating`,
             configured by the gate arguments below), `"softmax_top_k"` (a
             `SoftmaxTopKGating` with its defaults and this layer's `k` and
-            `seed`; the noisy-gate arguments are then unused), or a gating
+            `seed`; the noisy-gate arguments are then unused),
+            `"expert_choice"` (an `ExpertChoiceGating`: each expert takes
+            its top `k * N / E` positions of the batch; it looks across the
+            batch, so it does not suit autoregressive decoding, and the
+            capacity arguments do not apply), or a gating
             layer instance over `num_experts` experts (e.g.
             `SoftmaxTopKGating(E, k=1, normalize=False)`), whose own `k`
             then counts.
@@ -509,7 +525,7 @@ class MixtureOfExperts(MixtureOfExpertsBase):
     (2, 5, 16)
     """
 
-    ROUTERS = ("noisy_top_k", "softmax_top_k")
+    ROUTERS = ("noisy_top_k", "softmax_top_k", "expert_choice")
 
     def __init__(self, num_experts, hidden_units, k=2, router="noisy_top_k",
                  **kwargs):
@@ -549,6 +565,11 @@ class MixtureOfExperts(MixtureOfExpertsBase):
             return self.router
         if self.router == "softmax_top_k":
             return gating_lib.SoftmaxTopKGating(
+                self._num_experts, k=self.k, seed=self.seed,
+                dtype=self.dtype_policy, name="gating",
+            )
+        if self.router == "expert_choice":
+            return gating_lib.ExpertChoiceGating(
                 self._num_experts, k=self.k, seed=self.seed,
                 dtype=self.dtype_policy, name="gating",
             )

@@ -226,6 +226,15 @@ JAX_SCRIPT = textwrap.dedent(
             np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(np.asarray(layer(x)), y, rtol=1e-5, atol=1e-5)
 
+    # Expert choice compiles (static capacity) and equals its eager call.
+    ec = keras_moe.MixtureOfExperts(4, 10, router="expert_choice")
+    layer_checks.randomise_weights(ec, seed=2, input_shape=x.shape)
+    compiled = jax.jit(lambda t, n, x: ec.stateless_call(t, n, x)[0])
+    y = compiled([v.value for v in ec.trainable_variables],
+                 [v.value for v in ec.non_trainable_variables], x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ec(x)), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(y)).sum() > 0
+
     tokens = np.random.default_rng(2).integers(1, 20, size=(128, 8)).astype("int32")
     tokens[:, 6:] = 0
     for capacity_factor in (None, 2.0):

@@ -407,3 +407,85 @@ def test_bias_update_rate_is_checked():
         gating.SoftmaxTopKGating(4, bias_update_rate=-0.1)
     with pytest.raises(ValueError, match="must be finite"):
         gating.SoftmaxTopKGating(4, bias_update_rate=float("nan"))
+
+
+def test_expert_choice_takes_each_experts_top_positions():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(20, 4)).astype("float32")
+    mask = rng.random(20) > 0.25
+    positions = mask.astype("float32")[:, None]
+    values, slots, importance, tokens = (
+        _np(t) for t in gating.expert_choice_gating(logits, 6, positions)
+    )
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    for expert in range(4):
+        candidates = np.flatnonzero(mask)
+        want = candidates[np.argsort(-p[candidates, expert], kind="stable")[:6]]
+        np.testing.assert_array_equal(slots[expert], want)
+        np.testing.assert_allclose(values[expert], p[want, expert], rtol=1e-6)
+    np.testing.assert_allclose(importance, values.sum(1), rtol=1e-6)
+    np.testing.assert_array_equal(tokens, [6, 6, 6, 6])
+    # Fewer unmasked positions than slots: the rest stay empty (position N).
+    few = np.array([[1.0], [0.0], [1.0], [0.0], [0.0]], "float32")
+    values, slots, _, tokens = (
+        _np(t) for t in gating.expert_choice_gating(logits[:5], 4, few)
+    )
+    np.testing.assert_array_equal(tokens, [2, 2, 2, 2])
+    assert (values == 0).sum() == 8 and (slots[values == 0] == 5).all()
+    assert set(slots[values > 0].ravel()) == {0, 2}
+
+
+def test_untrained_expert_choice_covers_every_position_k_times():
+    router = gating.ExpertChoiceGating(8, k=2)
+    x = np.random.default_rng(0).normal(size=(32, 5)).astype("float32")
+    values, slots = (_np(t) for t in router(x))
+    assert slots.shape == (8, 8)  # C = 2 * 32 / 8
+    np.testing.assert_array_equal(np.bincount(slots.ravel(), minlength=32), [2] * 32)
+    np.testing.assert_allclose(values, 1.0 / 8)
+
+
+def test_moe_with_expert_choice_equals_its_dense_reference():
+    import keras_moe
+
+    layer = keras_moe.MixtureOfExperts(4, 10, k=2, router="expert_choice", seed=0)
+    layer_checks.randomise_weights(layer, 3, input_shape=(None, 6))
+    assert isinstance(layer.gating, gating.ExpertChoiceGating)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 9, 6)).astype("float32")
+    mask = rng.random((2, 9)) > 0.2
+    y = _np(layer(x, mask=mask))
+    flat, flat_mask = x.reshape(18, 6), mask.ravel()
+    logits = flat @ layer.gating.gate_kernel.numpy()
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    capacity = int(np.ceil(18 * 2 / 4))
+    gates = np.zeros((18, 4))
+    candidates = np.flatnonzero(flat_mask)
+    for expert in range(4):
+        chosen = candidates[np.argsort(-p[candidates, expert], kind="stable")[:capacity]]
+        gates[chosen, expert] = p[chosen, expert]
+    expected = reference.moe_output(flat, gates, *layer_checks.expert_arrays(layer))
+    np.testing.assert_allclose(y.reshape(18, 6), expected, rtol=1e-4, atol=1e-5)
+    assert (y.reshape(18, 6)[~flat_mask] == 0).all()
+    layer(x, training=True, mask=mask)
+    assert layer.losses == []  # balanced by construction
+    assert layer.routing_statistics()["positions"] == flat_mask.sum()
+    clone = keras_moe.MixtureOfExperts.from_config(layer.get_config())
+    clone.build((None, 6))
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(_np(clone(x, mask=mask)), y, rtol=1e-6)
+
+
+def test_a_model_with_expert_choice_trains_with_fit():
+    import keras_moe
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 6)).astype("float32")
+    y = np.tanh(x @ rng.normal(size=(6, 6))).astype("float32")
+    inputs = keras.Input((8, 6))
+    h = keras_moe.MixtureOfExperts(4, 16, router="expert_choice", name="moe")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(6)(h))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    losses = model.fit(x, y, batch_size=16, epochs=8, verbose=0).history["loss"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert model.get_layer("moe").routing_statistics()["positions"] == 8 * 64 * 8
