@@ -489,3 +489,12 @@ def test_a_model_with_expert_choice_trains_with_fit():
     losses = model.fit(x, y, batch_size=16, epochs=8, verbose=0).history["loss"]
     assert losses[-1] < 0.7 * losses[0], losses
     assert model.get_layer("moe").routing_statistics()["positions"] == 8 * 64 * 8
+
+
+def test_expert_choice_arguments_are_checked():
+    with pytest.raises(ValueError, match="capacity_factor=0"):
+        gating.ExpertChoiceGating(4, capacity_factor=0)
+    with pytest.raises(TypeError, match="`k` must be an integer"):
+        gating.ExpertChoiceGating(4, k=1.5)
+    with pytest.raises(ValueError, match="number of positions"):
+        gating.ExpertChoiceGating(4).capacity(None)
