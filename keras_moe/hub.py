@@ -1,8 +1,9 @@
-"""Sparse compute for keras-hub's Mixtral MoE blocks, on the same weights.
+"""Sparse compute for keras-hub's MoE blocks, on the same weights.
 
-keras-hub's `MixtralSparseMoeBlock` runs every expert on every token and
-masks the result (`E / k` times the expert FLOPs, and `[E, N, h]`
-activations). `sparsify(model)` makes each such block of a model run only
+keras-hub's `MixtralSparseMoeBlock` and `QwenSparseMoeBlock` (Qwen-MoE) run
+every expert on every token and mask the result (`E / k` times the expert
+FLOPs, and `[E, N, h]` activations). `sparsify(model)` makes each such
+block of a model run only
 the chosen experts, through this package's dispatch (`keras_moe.dispatch`:
 one capacity or capacity classes on TensorFlow, `jax.lax.ragged_dot` on
 JAX), with the block's own router and expert weights: the same outputs,
@@ -31,35 +32,44 @@ else:
     jax_dispatch = None
 
 
-def _mixtral_block_class():
+def _block_patches():
+    """{keras-hub block class: the function making its sparse `call`}."""
     try:
         from keras_hub.src.models.mixtral.mixtral_decoder import (
             MixtralSparseMoeBlock,
+        )
+        from keras_hub.src.models.qwen_moe.qwen_moe_decoder import (
+            QwenSparseMoeBlock,
         )
     except ImportError as error:
         raise ImportError(
             "keras_moe.hub needs keras-hub (pip install keras-hub)."
         ) from error
-    return MixtralSparseMoeBlock
+    return {
+        MixtralSparseMoeBlock: _sparse_mixtral_call,
+        QwenSparseMoeBlock: _sparse_qwen_call,
+    }
 
 
 def sparsify(model):
-    """Makes every keras-hub Mixtral MoE block of `model` compute sparsely.
+    """Makes every keras-hub Mixtral and Qwen-MoE block of `model` sparse.
 
     Args:
-        model: a Keras model or layer containing
-            `MixtralSparseMoeBlock`s (e.g. a `MixtralBackbone`, built).
+        model: a Keras model or layer containing `MixtralSparseMoeBlock`s
+            or `QwenSparseMoeBlock`s (e.g. a `MixtralBackbone` or
+            `QwenMoeBackbone`), built.
 
     Returns:
         list of the names of the blocks changed (empty if none).
     """
-    block_class = _mixtral_block_class()
+    patches = _block_patches()
     changed = []
     for layer in [model] + compat.flatten_layers(model):
-        if isinstance(layer, block_class) and not getattr(
+        patch = patches.get(type(layer))
+        if patch is not None and not getattr(
             layer, "_keras_moe_sparse", False
         ):
-            layer.call = _sparse_mixtral_call(layer)
+            layer.call = patch(layer)
             layer._keras_moe_sparse = True
             changed.append(layer.name)
     return changed
@@ -78,21 +88,23 @@ def _gated_experts_float32_gate(activation, compute_dtype):
 
 
 def sparse_mixture(features, gate_values, expert_indices, weights, experts,
-                   kind, activation):
+                   ragged):
     """Only the chosen experts on `features [N, d]`, dropless: `[N, d_out]`.
 
     Args:
         features: `[N, d]`; gate_values: `[N, k]`; expert_indices: int
             `[N, k]`.
-        weights: the stacked expert weights of `kind`
-            (`dispatch.EXPERT_KINDS`).
+        weights: the block's stacked expert weights, expert axis first.
         experts: callable `(buffer [E, C, d], weights) -> [E, C, d_out]`.
-        kind, activation: for the JAX grouped-matmul path.
+        ragged: `(kind, weights, activation)` for the JAX grouped-matmul
+            path (`jax_dispatch.ragged_mixture`), a thunk: called on JAX only.
     """
     num_experts = weights[0].shape[0]
     if jax_dispatch is not None:
+        kind, ragged_weights, activation = ragged()
         return jax_dispatch.ragged_mixture(
-            features, gate_values, expert_indices, weights, kind, activation
+            features, gate_values, expert_indices, ragged_weights, kind,
+            activation,
         )
     if dispatch.classes_pay_off(
         features.shape[0], expert_indices.shape[1], num_experts
@@ -107,6 +119,16 @@ def sparse_mixture(features, gate_values, expert_indices, weights, experts,
     return dispatch.combine(
         experts(dispatch.dispatch(features, plan), weights), gate_values, plan
     )
+
+
+def _top_k_routing(block, router_inputs, normalize):
+    """The router of both families: logits, then top-k probabilities."""
+    router_logits = block._sparse_feedforward_gate_dense(router_inputs)
+    probabilities = ops.softmax(router_logits, axis=-1)
+    top_values, top_indices = ops.top_k(probabilities, k=block.top_k)
+    if normalize:
+        top_values = top_values / ops.sum(top_values, axis=-1, keepdims=True)
+    return router_logits, top_values, ops.cast(top_indices, "int32")
 
 
 def _sparse_mixtral_call(block):
@@ -128,10 +150,9 @@ def _sparse_mixtral_call(block):
                 maxval=1.0 + block.router_jitter_noise,
                 dtype=features.dtype,
             )
-        router_logits = block._sparse_feedforward_gate_dense(router_inputs)
-        probabilities = ops.softmax(router_logits, axis=-1)
-        top_values, top_indices = ops.top_k(probabilities, k=block.top_k)
-        top_values = top_values / ops.sum(top_values, axis=-1, keepdims=True)
+        router_logits, top_values, top_indices = _top_k_routing(
+            block, router_inputs, normalize=True
+        )
         bank = block.expert_bank
         weights = (
             bank._expert_feedforward_gate_dense,
@@ -141,16 +162,76 @@ def _sparse_mixtral_call(block):
         outputs = sparse_mixture(
             features,
             ops.cast(top_values, features.dtype),
-            ops.cast(top_indices, "int32"),
+            top_indices,
             weights,
             _gated_experts_float32_gate(bank.activation, bank.compute_dtype),
-            "gated",
-            bank.activation,
+            lambda: ("gated", weights, bank.activation),
         )
         outputs = ops.reshape(outputs, leading_shape + (block.hidden_dim,))
         if training:
             block.add_loss(
                 block.router_aux_loss_coef
+                * compute_load_balancing_loss(
+                    router_logits=router_logits,
+                    num_experts=block.num_experts,
+                    top_k=block.top_k,
+                    attention_mask=attention_mask,
+                )
+            )
+        return outputs, router_logits
+
+    return call
+
+
+def _sparse_qwen_call(block):
+    """The sparse `call` of one `QwenSparseMoeBlock` (Qwen-MoE): routed
+    experts whose gate and up kernels are one `[E, d, 2h]` weight, plus the
+    block's dense shared expert scaled by its sigmoid gate."""
+    from keras_hub.src.models.qwen_moe.qwen_moe_decoder import (
+        compute_load_balancing_loss,
+    )
+
+    bank = block.expert_bank
+
+    def experts(buffer, weights):
+        gate_up_kernel, down_kernel = weights
+        gate, up = ops.split(ops.matmul(buffer, gate_up_kernel), 2, axis=-1)
+        return ops.matmul(up * bank.activation(gate), down_kernel)
+
+    def call(hidden_states, attention_mask=None, training=None):
+        leading_shape = ops.shape(hidden_states)[:-1]
+        features = ops.reshape(hidden_states, (-1, block.hidden_dim))
+        router_logits, top_values, top_indices = _top_k_routing(
+            block, features, normalize=block.norm_top_k_prob
+        )
+        weights = (
+            bank._expert_feedforward_gate_dense,
+            bank._expert_feedforward_output_dense,
+        )
+
+        def ragged():
+            # Two [E, d, h] halves (a copy per step) for the grouped matmul.
+            gate_up = ops.convert_to_tensor(weights[0])
+            half = bank.intermediate_dim
+            return (
+                "gated",
+                (gate_up[..., :half], gate_up[..., half:], weights[1]),
+                bank.activation,
+            )
+
+        outputs = sparse_mixture(
+            features, ops.cast(top_values, features.dtype), top_indices,
+            weights, experts, ragged,
+        )
+        shared = block.shared_expert_dense(features) * ops.sigmoid(
+            block.shared_expert_gate_dense(features)
+        )
+        outputs = ops.reshape(
+            outputs + shared, leading_shape + (block.hidden_dim,)
+        )
+        if training:
+            block.add_loss(
+                block.router_aux_loss_coefficient
                 * compute_load_balancing_loss(
                     router_logits=router_logits,
                     num_experts=block.num_experts,

@@ -1,4 +1,4 @@
-"""keras_moe.hub: keras-hub's Mixtral blocks computed sparsely, same weights."""
+"""keras_moe.hub: keras-hub's Mixtral and Qwen-MoE blocks computed sparsely."""
 
 import numpy as np
 import pytest
@@ -72,3 +72,59 @@ def test_sparse_mixtral_equals_keras_hub_in_outputs_losses_and_gradients(classes
 def test_sparsify_finds_nothing_in_other_models():
     inputs = keras.Input((4,))
     assert hub.sparsify(keras.Model(inputs, keras.layers.Dense(2)(inputs))) == []
+
+
+def _qwen_backbone():
+    keras.utils.set_random_seed(0)
+    return keras_hub.models.QwenMoeBackbone(
+        vocabulary_size=50, num_layers=2, num_query_heads=2,
+        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32,
+        moe_intermediate_dim=12, shared_expert_intermediate_dim=20,
+        num_experts=6, top_k=2, norm_top_k_prob=False, dtype="float32",
+    )
+
+
+def test_sparse_qwen_moe_equals_keras_hub_in_outputs_losses_and_gradients():
+    dense, sparse = _qwen_backbone(), _qwen_backbone()
+    sparse.set_weights(dense.get_weights())
+    assert len(hub.sparsify(sparse)) == 2
+    inputs = _inputs()
+    np.testing.assert_allclose(
+        sparse(inputs).numpy(), dense(inputs).numpy(), rtol=1e-5, atol=1e-5
+    )
+    probe = tf.random.stateless_normal((3, 7, 16), seed=(3, 4))
+    want = _loss_and_gradients(dense, inputs, probe)
+    got = _loss_and_gradients(sparse, inputs, probe)
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5)
+    for g, w in zip(got[2], want[2]):
+        if w is None:
+            assert g is None
+            continue
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(g).numpy(), tf.convert_to_tensor(w).numpy(),
+            rtol=1e-4, atol=1e-5,
+        )
+
+
+def test_sparse_blocks_on_jax_equal_keras_hub(tmp_path):
+    pytest.importorskip("jax")
+    from tests.subprocesses import run_python
+
+    run_python(
+        """
+import numpy as np
+import keras
+from keras_moe import hub
+from tests import test_hub
+assert keras.backend.backend() == "jax"
+inputs = test_hub._inputs()
+for make in (test_hub._backbone, test_hub._qwen_backbone):
+    dense, sparse = make(), make()
+    sparse.set_weights(dense.get_weights())
+    assert len(hub.sparsify(sparse)) == 2
+    np.testing.assert_allclose(np.asarray(sparse(inputs)), np.asarray(dense(inputs)),
+                               rtol=1e-5, atol=1e-5)
+print("DONE")
+""",
+        tmp_path, env_extra={"KERAS_BACKEND": "jax"}, timeout=600,
+    )
