@@ -8,7 +8,9 @@ same way (interleaved medians after two warm-up calls), each step a
 
 - `jax-dense`: `Dense(k*hidden, relu) -> Dense(d)`, the baseline;
 - `jax-moe-capacity`: `MixtureOfExperts(capacity_factor=1.25)`;
-- `jax-moe-dropless`: the dropless default, `jax.lax.ragged_dot`.
+- `jax-moe-dropless`: the dropless default (blocks of one expert,
+  `jax_dispatch.DROPLESS = "blocks"`);
+- `jax-moe-ragged`: dropless through `jax.lax.ragged_dot`.
 
 The training step is the value and gradients of `sum(y * probe)` (plus
 the balancing losses) with respect to the trainable weights and the input.
@@ -22,7 +24,7 @@ import time
 
 from benchmarks.run import D_MODEL, HIDDEN, K, LENGTH, BATCH
 
-CONFIGS = ["jax-dense", "jax-moe-capacity", "jax-moe-dropless"]
+CONFIGS = ["jax-dense", "jax-moe-capacity", "jax-moe-dropless", "jax-moe-ragged"]
 
 
 def _build(config, num_experts):
@@ -53,7 +55,24 @@ def _build(config, num_experts):
     return layer
 
 
-def _steps(layer):
+def _forward_function(config, layer):
+    """The layer's stateless call, with `jax_dispatch.DROPLESS` set for
+    the ragged row while it is traced."""
+    from keras_moe import jax_dispatch
+
+    def call(trainable, non_trainable, x, **kwargs):
+        saved = jax_dispatch.DROPLESS
+        if config == "jax-moe-ragged":
+            jax_dispatch.DROPLESS = "ragged"
+        try:
+            return layer.stateless_call(trainable, non_trainable, x, **kwargs)
+        finally:
+            jax_dispatch.DROPLESS = saved
+
+    return call
+
+
+def _steps(config, layer):
     import jax
     import jax.numpy as jnp
 
@@ -61,12 +80,14 @@ def _steps(layer):
     non_trainable = [v.value for v in layer.non_trainable_variables]
     probe = jax.random.normal(jax.random.PRNGKey(2), (BATCH, LENGTH, D_MODEL))
 
+    stateless_call = _forward_function(config, layer)
+
     @jax.jit
     def forward(trainable, x):
-        return layer.stateless_call(trainable, non_trainable, x)[0]
+        return stateless_call(trainable, non_trainable, x)[0]
 
     def loss(trainable, x):
-        outputs, losses = layer.stateless_call(
+        outputs, losses = stateless_call(
             trainable, non_trainable, x, training=True, return_losses=True
         )[0::2]
         total = jnp.sum(outputs * probe)
@@ -85,7 +106,7 @@ def time_configs(num_experts, reps):
     x = jax.random.normal(jax.random.PRNGKey(1), (BATCH, LENGTH, D_MODEL))
     steps = {}
     for config in CONFIGS:
-        steps[config] = _steps(_build(config, num_experts))
+        steps[config] = _steps(config, _build(config, num_experts))
     for trainable, forward, train in steps.values():
         for _ in range(2):
             jax.block_until_ready(forward(trainable, x))

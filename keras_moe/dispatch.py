@@ -329,6 +329,93 @@ def plan_classes(expert_indices, num_experts, num_classes, mask=None):
     )
 
 
+BlockPlan = collections.namedtuple(
+    "BlockPlan",
+    ["block_experts", "slot_positions", "assignment_slots", "block_size"],
+)
+BlockPlan.__doc__ = """Where every assignment goes, in blocks of one expert.
+
+Attributes:
+    block_experts: int32 `[num_blocks]`, the expert of each block (blocks
+        past the used rows hold no position).
+    slot_positions: int32 `[num_blocks, B]`, the position of each row
+        (`N` for padding).
+    assignment_slots: int32 `[N, k]`, the row of each assignment, or
+        `num_blocks * B` when masked.
+    block_size: int `B`.
+"""
+
+
+def block_count(num_assignments, num_experts, block_size):
+    """Blocks needed for any routing: `ceil((N*k + E*(B-1)) / B)`."""
+    return -(-(num_assignments + num_experts * (block_size - 1)) // block_size)
+
+
+def plan_blocks(expert_indices, num_experts, block_size, mask=None):
+    """A dropless plan with static shapes: each expert's rows padded to a
+    multiple of `block_size`, every block of rows one expert's.
+
+    At most `N*k + E*(B-1)` rows, whatever the routing, so the shapes
+    depend on `N`, `k`, `E` and `B` only (jit-compilable). The price: the
+    experts run per block, with their weights gathered per block.
+
+    Args:
+        expert_indices: int tensor `[N, k]` (N static).
+        num_experts: int `E`.
+        block_size: int `B >= 1`.
+        mask: optional bool tensor `[N]`.
+
+    Returns:
+        `BlockPlan`.
+    """
+    sorted_ = _SortedAssignments(expert_indices, num_experts, mask)
+    num_blocks = block_count(
+        sorted_.num_assignments, num_experts, block_size
+    )
+    num_rows = num_blocks * block_size
+    padded = -(-sorted_.loads // block_size) * block_size
+    ends = ops.cumsum(padded)
+    first_rows = ends - padded
+    known = ops.less(sorted_.experts, num_experts)
+    sorted_rows = ops.where(
+        known,
+        ops.take(first_rows, ops.minimum(sorted_.experts, num_experts - 1))
+        + sorted_.rank,
+        num_rows,
+    )
+    # Row -> position: scatter the sorted positions (one spare row takes
+    # the masked ones).
+    slot_positions = ops.scatter_update(
+        ops.full((num_rows + 1,), sorted_.num_tokens, "int32"),
+        sorted_rows[:, None],
+        sorted_.positions[:-1],
+    )[:num_rows]
+    block_starts = ops.arange(num_blocks, dtype="int32") * block_size
+    block_experts = ops.minimum(
+        ops.sum(
+            ops.cast(ends[None, :] <= block_starts[:, None], "int32"), axis=1
+        ),
+        num_experts - 1,
+    )
+    return BlockPlan(
+        block_experts,
+        ops.reshape(slot_positions, (num_blocks, block_size)),
+        sorted_.unsort(sorted_rows),
+        block_size,
+    )
+
+
+def block_mixture(inputs, expert_weights, plan, weights, experts):
+    """Dispatch, experts and combine over the blocks of a `BlockPlan`."""
+    block_weights = tuple(
+        ops.take(weight, plan.block_experts, axis=0) for weight in weights
+    )
+    outputs = experts(gather_rows(inputs, plan.slot_positions), block_weights)
+    return combine(
+        ops.reshape(outputs, (-1, outputs.shape[-1])), expert_weights, plan
+    )
+
+
 def permute_experts(weights, order):
     """`weights[order]` along the expert axis, for a permutation `order`.
 

@@ -96,13 +96,14 @@ def sparse_mixture(features, gate_values, expert_indices, weights, experts,
             `[N, k]`.
         weights: the block's stacked expert weights, expert axis first.
         experts: callable `(buffer [E, C, d], weights) -> [E, C, d_out]`.
-        ragged: `(kind, weights, activation)` for the JAX grouped-matmul
-            path (`jax_dispatch.ragged_mixture`), a thunk: called on JAX only.
+        ragged: a thunk giving `(kind, weights, activation)` for the JAX
+            static-shape path (`jax_dispatch.dropless_mixture`), called on
+            JAX only.
     """
     num_experts = weights[0].shape[0]
     if jax_dispatch is not None:
         kind, ragged_weights, activation = ragged()
-        return jax_dispatch.ragged_mixture(
+        return jax_dispatch.dropless_mixture(
             features, gate_values, expert_indices, ragged_weights, kind,
             activation,
         )

@@ -1,17 +1,65 @@
-"""Dropless dispatch on the JAX backend: a grouped matmul.
+"""Dropless dispatch on the JAX backend, with static shapes.
 
 JAX traces with static shapes, so the dropless buffer of
 `keras_moe.dispatch` (whose capacity is the busiest expert's load) cannot be
-built under `jit`. Here the `N*k` assignments are sorted by expert and the
-experts run as grouped matmuls (`jax.lax.ragged_dot`) over the sorted rows.
-JAX only (it imports `jax`); `keras_moe.layers` uses it when JAX is the
-Keras backend.
+built under `jit`. Two static-shape ways, both over the `N*k` assignments
+sorted by expert:
+
+- `"blocks"` (the default, `DROPLESS`): each expert's rows padded to a
+  multiple of a block size `B`, at most `N*k + E*(B-1)` rows, the experts
+  run per block with their weights gathered per block
+  (`dispatch.plan_blocks`). Measured on this CPU (d=256, h=1024, k=2,
+  N=4096, train step): 3x, 9x and 15x faster than `ragged_dot` at E = 4,
+  16 and 64, still 1.2x to 5x a capacity factor's step.
+- `"ragged"`: grouped matmuls (`jax.lax.ragged_dot`). That is a true
+  grouped GEMM on GPU/TPU; XLA:CPU lowers it to a dense loop over the
+  groups (84x a dense step at E=64 here).
+
+JAX only (it imports `jax`); `keras_moe.layers` and `keras_moe.hub` use it
+when JAX is the Keras backend.
 """
 
 import jax
 from keras import ops
 
 from keras_moe import dispatch
+
+# The dropless path on JAX: "blocks" or "ragged" (see above).
+DROPLESS = "blocks"
+
+
+def block_size(num_assignments, num_experts):
+    """`B`: the largest power of two up to the mean load, within [8, 512]."""
+    mean = max(1, num_assignments // num_experts)
+    return min(512, max(8, 1 << (mean.bit_length() - 1)))
+
+
+def dropless_mixture(
+    inputs, expert_weights, expert_indices, weights, kind, activation,
+    mask=None,
+):
+    """Every chosen expert on its positions, static shapes: `[N, d_out]`.
+
+    Args as in `ragged_mixture`; `DROPLESS` chooses the way.
+    """
+    if DROPLESS == "ragged":
+        return ragged_mixture(
+            inputs, expert_weights, expert_indices, weights, kind,
+            activation, mask=mask,
+        )
+    num_experts = weights[0].shape[0]
+    plan = dispatch.plan_blocks(
+        expert_indices, num_experts,
+        block_size(inputs.shape[0] * expert_indices.shape[1], num_experts),
+        mask=mask,
+    )
+    experts = dispatch.EXPERT_KINDS[kind][1]
+    return dispatch.block_mixture(
+        inputs, expert_weights, plan, tuple(weights),
+        lambda buffer, block_weights: experts(
+            buffer, block_weights, activation
+        ),
+    )
 
 
 def ragged_mixture(

@@ -320,7 +320,7 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             self._capacity_factor(training) is None
             and jax_dispatch is not None
         ):
-            outputs = jax_dispatch.ragged_mixture(
+            outputs = jax_dispatch.dropless_mixture(
                 features, expert_weights, expert_indices,
                 self._expert_weights(), self.experts, self.activation,
                 mask=flat_mask,

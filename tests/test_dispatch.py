@@ -411,3 +411,31 @@ def test_gated_experts_equal_the_dense_reference(mode, monkeypatch):
 def test_experts_argument_is_checked():
     with pytest.raises(ValueError, match="`experts` must be one of"):
         keras_moe.MixtureOfExperts(4, 8, experts="swiglu")
+
+
+# Blocks (JAX's dropless default): static shapes -----------------------------
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_block_plan_has_static_rows_and_equals_the_dense_reference(block):
+    layer = _layer(6, 2, seed=12)
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    mask = rng.random(40) > 0.2
+    weights, indices = layer.gating(x, mask=mask)
+    plan = dispatch.plan_blocks(indices, 6, block, mask=mask)
+    # At most N*k + E*(B-1) rows whatever the routing, in whole blocks.
+    rows = _np(plan.slot_positions).size
+    assert rows == dispatch.block_count(80, 6, block) * block
+    assert rows < 80 + 6 * (block - 1) + block  # plus the last block's rounding
+    # Every block's rows belong to its expert.
+    slots, experts = _np(plan.slot_positions), _np(plan.block_experts)
+    chosen = _np(indices)
+    for b in range(slots.shape[0]):
+        for position in slots[b][slots[b] < 40]:
+            assert experts[b] in chosen[position] and mask[position]
+    y = _np(dispatch.block_mixture(
+        x, weights, plan, layer._expert_weights(), layer._run_experts))
+    expected = layer_checks.dense_reference(layer, x)
+    expected[~mask] = 0.0
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
