@@ -536,13 +536,15 @@ class _RouterBase(compat.PerThreadLosses, keras.layers.Layer):
 
     @property
     def num_routed_experts(self):
-        """Number of distinct experts the returned indices range over."""
-        raise NotImplementedError
+        """Number of distinct experts the returned indices range over
+        (`num_experts` for a flat router)."""
+        return self.num_experts
 
     @property
     def experts_per_position(self):
-        """Number of (expert, weight) pairs returned per position."""
-        raise NotImplementedError
+        """Number of (expert, weight) pairs returned per position (`k`
+        for a flat router)."""
+        return self.k
 
     # Keras saves a layer's weights but not its seed generators' states, so
     # a job restored from a checkpoint (BackupAndRestore, load_weights)
@@ -769,14 +771,6 @@ class NoisyTopKGating(_GatingBase):
         super().__init__(k=k, **kwargs)
         self.num_experts, self.k = validation.experts_and_k(num_experts, k)
 
-    @property
-    def num_routed_experts(self):
-        return self.num_experts
-
-    @property
-    def experts_per_position(self):
-        return self.k
-
     def build(self, input_shape):
         validation.feature_input(self, input_shape)
         input_dim = input_shape[-1]
@@ -919,14 +913,6 @@ class SoftmaxTopKGating(_RouterBase):
         self.bias_update_rate = validation.number(
             "bias_update_rate", bias_update_rate, minimum=0.0
         )
-
-    @property
-    def num_routed_experts(self):
-        return self.num_experts
-
-    @property
-    def experts_per_position(self):
-        return self.k
 
     def build(self, input_shape):
         validation.feature_input(self, input_shape)
@@ -1110,14 +1096,6 @@ class ExpertChoiceGating(_RouterBase):
         self.capacity_factor = validation.number(
             "capacity_factor", capacity_factor, minimum=0.0, exclusive=True
         )
-
-    @property
-    def num_routed_experts(self):
-        return self.num_experts
-
-    @property
-    def experts_per_position(self):
-        return self.k
 
     def capacity(self, num_tokens):
         """`C` for `num_tokens` positions (an int, or a scalar tensor)."""

@@ -132,6 +132,15 @@ def _top_k_routing(block, router_inputs, normalize):
     return router_logits, top_values, ops.cast(top_indices, "int32")
 
 
+def _add_auxiliary_loss(block, weight, loss_function, router_logits,
+                        attention_mask):
+    """The block's own balancing loss, as keras-hub adds it."""
+    block.add_loss(weight * loss_function(
+        router_logits=router_logits, num_experts=block.num_experts,
+        top_k=block.top_k, attention_mask=attention_mask,
+    ))
+
+
 def _sparse_mixtral_call(block):
     """The sparse `call` of one `MixtralSparseMoeBlock` (same contract:
     `(hidden_states, attention_mask=None, training=False) -> (outputs,
@@ -170,14 +179,9 @@ def _sparse_mixtral_call(block):
         )
         outputs = ops.reshape(outputs, leading_shape + (block.hidden_dim,))
         if training:
-            block.add_loss(
-                block.router_aux_loss_coef
-                * compute_load_balancing_loss(
-                    router_logits=router_logits,
-                    num_experts=block.num_experts,
-                    top_k=block.top_k,
-                    attention_mask=attention_mask,
-                )
+            _add_auxiliary_loss(
+                block, block.router_aux_loss_coef, compute_load_balancing_loss,
+                router_logits, attention_mask,
             )
         return outputs, router_logits
 
@@ -231,14 +235,9 @@ def _sparse_qwen_call(block):
             outputs + shared, leading_shape + (block.hidden_dim,)
         )
         if training:
-            block.add_loss(
-                block.router_aux_loss_coefficient
-                * compute_load_balancing_loss(
-                    router_logits=router_logits,
-                    num_experts=block.num_experts,
-                    top_k=block.top_k,
-                    attention_mask=attention_mask,
-                )
+            _add_auxiliary_loss(
+                block, block.router_aux_loss_coefficient,
+                compute_load_balancing_loss, router_logits, attention_mask,
             )
         return outputs, router_logits
 

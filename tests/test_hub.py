@@ -38,6 +38,18 @@ def _loss_and_gradients(model, inputs, probe):
     return outputs, loss, tape.gradient(loss, model.trainable_variables)
 
 
+def _assert_same_gradients(got, want):
+    assert sum(w is not None for w in want) > 10
+    for g, w in zip(got, want):
+        if w is None:  # a weight the loss does not reach, in both
+            assert g is None
+            continue
+        np.testing.assert_allclose(
+            tf.convert_to_tensor(g).numpy(), tf.convert_to_tensor(w).numpy(),
+            rtol=1e-4, atol=1e-5,
+        )
+
+
 @pytest.mark.parametrize("classes", [False, True])
 def test_sparse_mixtral_equals_keras_hub_in_outputs_losses_and_gradients(classes, monkeypatch):
     if classes:
@@ -58,15 +70,7 @@ def test_sparse_mixtral_equals_keras_hub_in_outputs_losses_and_gradients(classes
     got = _loss_and_gradients(sparse, inputs, probe)
     assert len(sparse.losses) == 2  # the auxiliary loss of each block
     np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5)
-    assert sum(w is not None for w in want[2]) > 10
-    for g, w in zip(got[2], want[2]):
-        if w is None:  # a weight the loss does not reach, in both
-            assert g is None
-            continue
-        np.testing.assert_allclose(
-            tf.convert_to_tensor(g).numpy(), tf.convert_to_tensor(w).numpy(),
-            rtol=1e-4, atol=1e-5,
-        )
+    _assert_same_gradients(got[2], want[2])
 
 
 def test_sparsify_finds_nothing_in_other_models():
@@ -96,14 +100,7 @@ def test_sparse_qwen_moe_equals_keras_hub_in_outputs_losses_and_gradients():
     want = _loss_and_gradients(dense, inputs, probe)
     got = _loss_and_gradients(sparse, inputs, probe)
     np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5)
-    for g, w in zip(got[2], want[2]):
-        if w is None:
-            assert g is None
-            continue
-        np.testing.assert_allclose(
-            tf.convert_to_tensor(g).numpy(), tf.convert_to_tensor(w).numpy(),
-            rtol=1e-4, atol=1e-5,
-        )
+    _assert_same_gradients(got[2], want[2])
 
 
 def test_sparse_blocks_on_jax_equal_keras_hub(tmp_path):
