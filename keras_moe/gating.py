@@ -1098,7 +1098,8 @@ class ExpertChoiceGating(_RouterBase):
         )
 
     def capacity(self, num_tokens):
-        """`C` for `num_tokens` positions (an int, or a scalar tensor)."""
+        """`C` for `num_tokens` positions (a Python int: expert choice
+        needs the number of positions when traced)."""
         if isinstance(num_tokens, int):
             return max(1, min(num_tokens, math.ceil(
                 self.capacity_factor * num_tokens * self.k / self.num_experts
