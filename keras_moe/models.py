@@ -8,6 +8,7 @@ feed-forward layer of hidden size `k * hidden_units` (the paper's
 """
 
 import keras
+import numpy as np
 
 from keras_moe import layers as moe_layers
 
@@ -116,7 +117,8 @@ def ops_per_timestep(model):
     The paper's measure (Table 1, "ops/timestep"): LSTMs count
     `4 * units * (input + units)`, dense layers `input * output`, an MoE
     layer its gate (`d * E`; hierarchical: `d * (a + a * b)`, as computed
-    here) plus `k` experts of `d * h + h * d_out` (hierarchical: `k * k`).
+    here) plus `k` experts of `d * h + h * d_out` (hierarchical: `k * k`;
+    gated experts `2 * d * h + h * d_out`).
     The output layer named "logits" (the softmax) and embeddings are left
     out.
 
@@ -132,16 +134,23 @@ def ops_per_timestep(model):
             total += 4 * layer.cell.units * (input_dim + layer.cell.units)
         elif isinstance(layer, keras.layers.Dense):
             total += layer.kernel.shape[0] * layer.kernel.shape[1]
-        elif isinstance(layer, moe_layers.HierarchicalMixtureOfExperts):
-            d, h, d_out = layer.expert_hidden_kernel.shape[1:] + (
-                layer.expert_output_kernel.shape[-1],
+        elif isinstance(layer, moe_layers.MixtureOfExpertsBase):
+            # Per expert: the multiply-adds of its kernels (`d*h + h*d_out`;
+            # gated experts `2*d*h + h*d_out`).
+            kernels = [
+                variable for name, variable in layer.expert_variables.items()
+                if name.endswith("kernel")
+            ]
+            d = kernels[0].shape[1]
+            per_expert = sum(
+                int(np.prod(kernel.shape[1:])) for kernel in kernels
             )
-            total += d * (layer.num_groups + layer.num_experts)
-            total += layer.k * layer.k * (d * h + h * d_out)
-        elif isinstance(layer, moe_layers.MixtureOfExperts):
-            d, h = layer.expert_hidden_kernel.shape[1:]
-            d_out = layer.expert_output_kernel.shape[-1]
-            total += d * layer.num_experts + layer.k * (d * h + h * d_out)
+            per_position = layer.gating.experts_per_position
+            if isinstance(layer, moe_layers.HierarchicalMixtureOfExperts):
+                total += d * (layer.num_groups + layer.num_experts)
+            else:
+                total += d * layer.num_experts
+            total += per_position * per_expert
     return int(total)
 
 
