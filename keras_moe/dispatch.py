@@ -416,6 +416,32 @@ def block_mixture(inputs, expert_weights, plan, weights, experts):
     )
 
 
+def dropless_mixture(inputs, expert_weights, expert_indices, weights,
+                     experts, mask=None):
+    """Every chosen expert on its positions, nothing dropped: `[N, d_out]`.
+
+    Capacity classes where they pay off (`classes_pay_off`), else one
+    capacity, the busiest expert's load (data-dependent shapes: not for
+    XLA or JAX).
+
+    Args:
+        inputs: `[N, d]`; expert_weights: `[N, k]` (zero where masked);
+        expert_indices: int `[N, k]`; weights: the stacked expert weights;
+        experts: callable `(buffer [E, C, d], weights) -> [E, C, d_out]`;
+        mask: optional bool `[N]`.
+    """
+    num_experts = weights[0].shape[0]
+    if classes_pay_off(inputs.shape[0], expert_indices.shape[1], num_experts):
+        plan = plan_classes(
+            expert_indices, num_experts, NUM_CLASSES, mask=mask
+        )
+        return class_mixture(inputs, expert_weights, plan, weights, experts)
+    plan = plan_dispatch(expert_indices, num_experts, mask=mask)
+    return combine(
+        experts(dispatch(inputs, plan), weights), expert_weights, plan
+    )
+
+
 def permute_experts(weights, order):
     """`weights[order]` along the expert axis, for a permutation `order`.
 

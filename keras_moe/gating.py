@@ -600,6 +600,23 @@ class _RouterBase(compat.PerThreadLosses, keras.layers.Layer):
     def _update_state(self, routing):
         """Router state that moves with training (none by default)."""
 
+    def build(self, input_shape):
+        """A flat router's weights: `gate_kernel [d, E]`, the router's own
+        (`_build_own_weights`), then the statistics."""
+        validation.feature_input(self, input_shape)
+        input_dim = input_shape[-1]
+        self.gate_kernel = self._add_kernel(
+            "gate_kernel", input_dim, self.num_experts
+        )
+        self._build_own_weights(input_dim)
+        self._build_statistics()
+        self.input_spec = keras.layers.InputSpec(
+            min_ndim=2, axes={-1: input_dim}
+        )
+
+    def _build_own_weights(self, input_dim):
+        """Weights beyond the gate kernel (none by default)."""
+
     def reset_statistics(self):
         """Zeroes the routing-statistics accumulators."""
         statistics.reset([
@@ -771,20 +788,11 @@ class NoisyTopKGating(_GatingBase):
         super().__init__(k=k, **kwargs)
         self.num_experts, self.k = validation.experts_and_k(num_experts, k)
 
-    def build(self, input_shape):
-        validation.feature_input(self, input_shape)
-        input_dim = input_shape[-1]
-        self.gate_kernel = self._add_kernel(
-            "gate_kernel", input_dim, self.num_experts
-        )
+    def _build_own_weights(self, input_dim):
         if self.noisy:
             self.noise_kernel = self._add_kernel(
                 "noise_kernel", input_dim, self.num_experts
             )
-        self._build_statistics()
-        self.input_spec = keras.layers.InputSpec(
-            min_ndim=2, axes={-1: input_dim}
-        )
 
     def route(self, inputs, training=None, mask=None):
         """Routes a batch; returns a `Routing` (no loss is added).
@@ -914,12 +922,7 @@ class SoftmaxTopKGating(_RouterBase):
             "bias_update_rate", bias_update_rate, minimum=0.0
         )
 
-    def build(self, input_shape):
-        validation.feature_input(self, input_shape)
-        input_dim = input_shape[-1]
-        self.gate_kernel = self._add_kernel(
-            "gate_kernel", input_dim, self.num_experts
-        )
+    def _build_own_weights(self, input_dim):
         if self.bias_update_rate:
             # Every replica applies the same (global) update; the first
             # replica's is kept, as for the statistics.
@@ -928,10 +931,6 @@ class SoftmaxTopKGating(_RouterBase):
                 initializer="zeros", dtype="float32", trainable=False,
                 aggregation="only_first_replica",
             )
-        self._build_statistics()
-        self.input_spec = keras.layers.InputSpec(
-            min_ndim=2, axes={-1: input_dim}
-        )
 
     def route(self, inputs, training=None, mask=None):
         """Routes a batch; returns a `Routing`.
@@ -1107,17 +1106,6 @@ class ExpertChoiceGating(_RouterBase):
         raise ValueError(
             "Expert choice needs the number of positions when traced "
             "(a static batch and sequence length)."
-        )
-
-    def build(self, input_shape):
-        validation.feature_input(self, input_shape)
-        input_dim = input_shape[-1]
-        self.gate_kernel = self._add_kernel(
-            "gate_kernel", input_dim, self.num_experts
-        )
-        self._build_statistics()
-        self.input_spec = keras.layers.InputSpec(
-            min_ndim=2, axes={-1: input_dim}
         )
 
     def route(self, inputs, training=None, mask=None):

@@ -100,25 +100,14 @@ def sparse_mixture(features, gate_values, expert_indices, weights, experts,
             static-shape path (`jax_dispatch.dropless_mixture`), called on
             JAX only.
     """
-    num_experts = weights[0].shape[0]
     if jax_dispatch is not None:
         kind, ragged_weights, activation = ragged()
         return jax_dispatch.dropless_mixture(
             features, gate_values, expert_indices, ragged_weights, kind,
             activation,
         )
-    if dispatch.classes_pay_off(
-        features.shape[0], expert_indices.shape[1], num_experts
-    ):
-        plan = dispatch.plan_classes(
-            expert_indices, num_experts, dispatch.NUM_CLASSES
-        )
-        return dispatch.class_mixture(
-            features, gate_values, plan, weights, experts
-        )
-    plan = dispatch.plan_dispatch(expert_indices, num_experts)
-    return dispatch.combine(
-        experts(dispatch.dispatch(features, plan), weights), gate_values, plan
+    return dispatch.dropless_mixture(
+        features, gate_values, expert_indices, weights, experts
     )
 
 

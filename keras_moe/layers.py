@@ -179,6 +179,16 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             buffer, weights, self.activation
         )
 
+    def _experts_on_buffer(self, buffer):
+        """The experts on a dispatched `[E, C, d]` buffer, on the devices
+        `set_expert_relayout` names: `[E, C, d_out]`, laid out for combine."""
+        if self._to_expert_layout is not None:
+            buffer = self._to_expert_layout(buffer)
+        outputs = self._run_experts(buffer, self._expert_weights())
+        if self._to_token_layout is not None:
+            outputs = self._to_token_layout(outputs)
+        return outputs
+
     def set_expert_relayout(self, to_expert_layout, to_token_layout):
         """Hooks for distribution code: where the experts' rows are computed.
 
@@ -306,12 +316,9 @@ class MixtureOfExpertsBase(keras.layers.Layer):
             outputs = ops.zeros((0, output_dim), self.compute_dtype)
         elif isinstance(self.gating, gating_lib.ExpertChoiceGating):
             # expert_weights, expert_indices: [E, C] gate values, positions.
-            buffer = dispatch.gather_rows(features, expert_indices)
-            if self._to_expert_layout is not None:
-                buffer = self._to_expert_layout(buffer)
-            expert_outputs = self._run_experts(buffer, self._expert_weights())
-            if self._to_token_layout is not None:
-                expert_outputs = self._to_token_layout(expert_outputs)
+            expert_outputs = self._experts_on_buffer(
+                dispatch.gather_rows(features, expert_indices)
+            )
             outputs = dispatch.expert_choice_combine(
                 expert_outputs, expert_weights, expert_indices,
                 features.shape[0],
@@ -343,21 +350,10 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         """Plan, dispatch, run the experts and combine: `[N, d_out]`."""
         num_tokens = features.shape[0]
         capacity_factor = self._capacity_factor(training)
-        if (
-            capacity_factor is None
-            and self._to_expert_layout is None
-            and dispatch.classes_pay_off(
-                num_tokens, self.gating.experts_per_position,
-                self.num_experts,
-            )
-        ):
-            plan = dispatch.plan_classes(
-                expert_indices, self.num_experts, dispatch.NUM_CLASSES,
-                mask=flat_mask,
-            )
-            return dispatch.class_mixture(
-                features, expert_weights, plan, self._expert_weights(),
-                self._run_experts,
+        if capacity_factor is None and self._to_expert_layout is None:
+            return dispatch.dropless_mixture(
+                features, expert_weights, expert_indices,
+                self._expert_weights(), self._run_experts, mask=flat_mask,
             )
         capacity = None
         if capacity_factor is not None:
@@ -370,12 +366,9 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         plan = dispatch.plan_dispatch(
             expert_indices, self.num_experts, capacity=capacity, mask=flat_mask
         )
-        buffer = dispatch.dispatch(features, plan)
-        if self._to_expert_layout is not None:
-            buffer = self._to_expert_layout(buffer)
-        expert_outputs = self._run_experts(buffer, self._expert_weights())
-        if self._to_token_layout is not None:
-            expert_outputs = self._to_token_layout(expert_outputs)
+        expert_outputs = self._experts_on_buffer(
+            dispatch.dispatch(features, plan)
+        )
         outputs = dispatch.combine(expert_outputs, expert_weights, plan)
         if training and capacity_factor is not None:
             self.dropped_assignments_total.assign_add(

@@ -16,3 +16,13 @@ def _reset_keras_state():
     yield
     keras.config.set_dtype_policy("float32")
     keras.backend.clear_session()
+
+
+@pytest.fixture
+def classes_always(monkeypatch):
+    """Capacity classes on every dropless batch, 3 classes."""
+    from keras_moe import dispatch
+
+    monkeypatch.setattr(dispatch, "NUM_CLASSES", 3)
+    monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS", 0)
+    monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS_PER_EXPERT", 0)

@@ -299,14 +299,6 @@ def test_class_plan_pads_each_class_to_its_own_busiest_expert():
     assert (flat_positions == num_tokens).sum() == rows - len(taken)  # the padding
 
 
-@pytest.fixture
-def classes_always(monkeypatch):
-    """Capacity classes on every dropless batch, 3 classes."""
-    monkeypatch.setattr(dispatch, "NUM_CLASSES", 3)
-    monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS", 0)
-    monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS_PER_EXPERT", 0)
-
-
 @pytest.mark.parametrize("hierarchical", [False, True])
 def test_classes_equal_the_dense_reference_in_outputs_and_gradients(classes_always, hierarchical):
     if hierarchical:
@@ -368,11 +360,9 @@ def test_the_layer_uses_classes_only_when_they_pay_off():
 
 
 @pytest.mark.parametrize("mode", ["dropless", "capacity", "classes"])
-def test_gated_experts_equal_the_dense_reference(mode, monkeypatch):
+def test_gated_experts_equal_the_dense_reference(mode, request):
     if mode == "classes":
-        monkeypatch.setattr(dispatch, "NUM_CLASSES", 3)
-        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS", 0)
-        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS_PER_EXPERT", 0)
+        request.getfixturevalue("classes_always")
     layer = keras_moe.MixtureOfExperts(
         9, 10, k=2, seed=6, experts="gated",
         capacity_factor=9.0 if mode == "capacity" else None,

@@ -8,7 +8,6 @@ keras_hub = pytest.importorskip("keras_hub")
 
 import keras  # noqa: E402
 
-from keras_moe import dispatch  # noqa: E402
 from keras_moe import hub  # noqa: E402
 
 
@@ -38,9 +37,19 @@ def _loss_and_gradients(model, inputs, probe):
     return outputs, loss, tape.gradient(loss, model.trainable_variables)
 
 
-def _assert_same_gradients(got, want):
-    assert sum(w is not None for w in want) > 10
-    for g, w in zip(got, want):
+def _assert_sparse_equals_dense(sparse, dense, seed):
+    """Outputs, then the training loss (with the auxiliary losses) and every
+    gradient of `sum(outputs * probe)`."""
+    inputs = _inputs()
+    np.testing.assert_allclose(
+        sparse(inputs).numpy(), dense(inputs).numpy(), rtol=1e-5, atol=1e-5
+    )
+    probe = tf.random.stateless_normal((3, 7, 16), seed=seed)
+    want = _loss_and_gradients(dense, inputs, probe)
+    got = _loss_and_gradients(sparse, inputs, probe)
+    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5)
+    assert sum(w is not None for w in want[2]) > 10
+    for g, w in zip(got[2], want[2]):
         if w is None:  # a weight the loss does not reach, in both
             assert g is None
             continue
@@ -51,26 +60,16 @@ def _assert_same_gradients(got, want):
 
 
 @pytest.mark.parametrize("classes", [False, True])
-def test_sparse_mixtral_equals_keras_hub_in_outputs_losses_and_gradients(classes, monkeypatch):
+def test_sparse_mixtral_equals_keras_hub_in_outputs_losses_and_gradients(classes, request):
     if classes:
-        monkeypatch.setattr(dispatch, "NUM_CLASSES", 3)
-        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS", 0)
-        monkeypatch.setattr(dispatch, "CLASSES_MIN_ROWS_PER_EXPERT", 0)
+        request.getfixturevalue("classes_always")
     dense, sparse = _backbone(num_experts=6), _backbone(num_experts=6)
     sparse.set_weights(dense.get_weights())
     changed = hub.sparsify(sparse)
     assert len(changed) == 2  # one block per decoder layer
     assert hub.sparsify(sparse) == []  # once only
-    inputs = _inputs()
-    np.testing.assert_allclose(
-        sparse(inputs).numpy(), dense(inputs).numpy(), rtol=1e-5, atol=1e-5
-    )
-    probe = tf.random.stateless_normal((3, 7, 16), seed=(1, 2))
-    want = _loss_and_gradients(dense, inputs, probe)
-    got = _loss_and_gradients(sparse, inputs, probe)
+    _assert_sparse_equals_dense(sparse, dense, seed=(1, 2))
     assert len(sparse.losses) == 2  # the auxiliary loss of each block
-    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5)
-    _assert_same_gradients(got[2], want[2])
 
 
 def test_sparsify_finds_nothing_in_other_models():
@@ -92,15 +91,7 @@ def test_sparse_qwen_moe_equals_keras_hub_in_outputs_losses_and_gradients():
     dense, sparse = _qwen_backbone(), _qwen_backbone()
     sparse.set_weights(dense.get_weights())
     assert len(hub.sparsify(sparse)) == 2
-    inputs = _inputs()
-    np.testing.assert_allclose(
-        sparse(inputs).numpy(), dense(inputs).numpy(), rtol=1e-5, atol=1e-5
-    )
-    probe = tf.random.stateless_normal((3, 7, 16), seed=(3, 4))
-    want = _loss_and_gradients(dense, inputs, probe)
-    got = _loss_and_gradients(sparse, inputs, probe)
-    np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), rtol=1e-5)
-    _assert_same_gradients(got[2], want[2])
+    _assert_sparse_equals_dense(sparse, dense, seed=(3, 4))
 
 
 def test_sparse_blocks_on_jax_equal_keras_hub(tmp_path):
