@@ -442,6 +442,11 @@ def main(argv=None):
                 ), flush=True)
         tables.append((regime, rows))
     if args.jax_experts:
+        # Free the last configurations first: with the paper's regime at
+        # E=1024 still held, this process and the JAX one together ran out
+        # of memory (24 GB).
+        keras.backend.clear_session()
+        gc.collect()
         print(f"jax: E={args.jax_experts}", flush=True)
         rows = jax_rows(args.jax_experts, args.reps)
         if rows:
