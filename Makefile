@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[lm,test,bench,notebooks]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[lm,test,keras-hub,bench,notebooks]"
 	touch $(STAMP)
 
 install: $(STAMP)

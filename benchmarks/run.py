@@ -11,7 +11,9 @@ median of `--reps` repetitions after two warm-up calls, inside
 
 - `dense`: the baseline, `Dense(k*hidden, relu) -> Dense(d)` on the same
   tokens (the paper's computationally matched "MoE-1-Wide"); `dense-xla`
-  the same with `jit_compile=True`, the baseline of the XLA row.
+  the same with `jit_compile=True`, the baseline of the XLA row;
+  `dense-gated` a SwiGLU FFN of the same active size (`silu(x Wg) * (x Wu)`,
+  `k*hidden` wide, then `Wd`), the baseline of the keras-hub rows.
 - `moe-dropless`: `MixtureOfExperts(capacity_factor=None)`;
   `moe-dropless-one-capacity` the same with capacity classes switched off
   (every expert padded to the busiest one).
@@ -23,7 +25,8 @@ median of `--reps` repetitions after two warm-up calls, inside
 - `keras-hub-mixtral`: keras-hub's `MixtralSparseMoeBlock` at the same
   hidden size. Its experts are gated 3-matrix MLPs (1.5x our experts'
   FLOPs at equal hidden size). `keras-hub-mixtral-sparse`: the same block
-  after `keras_moe.hub.sparsify` (only the chosen experts, same weights).
+  after `keras_moe.integrations.keras_hub.sparsify` (only the chosen
+  experts, same weights).
 
 The training step is forward + backward (gradients of the weights and of
 the input, as when the layer sits between LSTMs), without the optimizer.
@@ -60,6 +63,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIGS = [
     "dense",
     "dense-xla",
+    "dense-gated",
     "moe-dropless",
     "moe-dropless-one-capacity",
     "moe-capacity-xla",
@@ -72,7 +76,7 @@ CONFIGS = [
 def _applies(config, num_experts, regime="fixed"):
     if config in ("all-experts", "keras-hub-mixtral"):
         return regime == "fixed" and num_experts <= DENSE_ONLY_LIMIT
-    if config == "keras-hub-mixtral-sparse":
+    if config in ("keras-hub-mixtral-sparse", "dense-gated"):
         return regime == "fixed"
     return True
 
@@ -86,6 +90,15 @@ def build(config, num_experts, batch=BATCH):
     from keras_moe import dispatch
 
     keras.utils.set_random_seed(0)
+    if config == "dense-gated":
+        inputs = keras.Input((LENGTH, D_MODEL))
+        gate = keras.layers.Dense(K * HIDDEN, use_bias=False)(inputs)
+        up = keras.layers.Dense(K * HIDDEN, use_bias=False)(inputs)
+        outputs = keras.layers.Dense(D_MODEL, use_bias=False)(
+            keras.layers.Activation("silu")(gate) * up
+        )
+        layer = keras.Model(inputs, outputs)
+        return layer, lambda x, training: layer(x), False
     if config.startswith("dense"):
         layer = keras.Sequential(
             [
@@ -100,7 +113,7 @@ def build(config, num_experts, batch=BATCH):
             MixtralSparseMoeBlock,
         )
 
-        from keras_moe import hub
+        from keras_moe.integrations import keras_hub as hub
 
         layer = MixtralSparseMoeBlock(
             hidden_dim=D_MODEL, intermediate_dim=HIDDEN, num_experts=num_experts,
@@ -458,7 +471,8 @@ def main(argv=None):
         f"interleaved repetitions; this machine at the start of the run: "
         f"{roofline.describe(machine)} (`benchmarks/roofline.py`). Ratios: "
         f"train/forward time over the `dense` baseline's (`dense-xla`'s for "
-        f"`moe-capacity-xla`); `ratio_vs_roofline`: the train step over "
+        f"`moe-capacity-xla`, `dense-gated`'s for the keras-hub rows); "
+        f"`ratio_vs_roofline`: the train step over "
         f"`roofline_ms`, max(FLOPs / matmul rate, bytes / bandwidth). "
         f"Command: `make bench` (`python -m benchmarks.run`)."
     )
@@ -496,7 +510,11 @@ def _row(config, num_experts, batch, timings, machine):
     from benchmarks import roofline
 
     forward_s, train_s, diff = timings[config]
-    baseline = "dense-xla" if config == "moe-capacity-xla" else "dense"
+    baseline = {
+        "moe-capacity-xla": "dense-xla",
+        "keras-hub-mixtral": "dense-gated",
+        "keras-hub-mixtral-sparse": "dense-gated",
+    }.get(config, "dense")
     base = timings.get(baseline, timings.get("dense"))
     tokens = batch * LENGTH
     row = {

@@ -16,8 +16,8 @@ sorted by expert:
   grouped GEMM on GPU/TPU; XLA:CPU lowers it to a dense loop over the
   groups (84x a dense step at E=64 here).
 
-JAX only (it imports `jax`); `keras_moe.layers` and `keras_moe.hub` use it
-when JAX is the Keras backend.
+JAX only (it imports `jax`); `keras_moe.layers` and
+`keras_moe.integrations.keras_hub` use it when JAX is the Keras backend.
 """
 
 import jax
@@ -48,18 +48,35 @@ def dropless_mixture(
             inputs, expert_weights, expert_indices, weights, kind,
             activation, mask=mask,
         )
+    experts = dispatch.EXPERT_KINDS[kind][1]
+    return blocks_mixture(
+        inputs, expert_weights, expert_indices, weights,
+        lambda buffer, block_weights: experts(
+            buffer, block_weights, activation
+        ),
+        mask=mask,
+    )
+
+
+def blocks_mixture(inputs, expert_weights, expert_indices, weights, experts,
+                   mask=None):
+    """The `"blocks"` way for any experts: `[N, d_out]`.
+
+    Args:
+        inputs: `[N, d]`; expert_weights: `[N, k]`; expert_indices: int
+            `[N, k]`; weights: the stacked expert weights (expert axis
+            first); experts: callable `(buffer [blocks, B, d], block
+            weights) -> [blocks, B, d_out]`, the weights gathered per
+            block; mask: optional bool `[N]`.
+    """
     num_experts = weights[0].shape[0]
     plan = dispatch.plan_blocks(
         expert_indices, num_experts,
         block_size(inputs.shape[0] * expert_indices.shape[1], num_experts),
         mask=mask,
     )
-    experts = dispatch.EXPERT_KINDS[kind][1]
     return dispatch.block_mixture(
-        inputs, expert_weights, plan, tuple(weights),
-        lambda buffer, block_weights: experts(
-            buffer, block_weights, activation
-        ),
+        inputs, expert_weights, plan, tuple(weights), experts
     )
 
 

@@ -1,10 +1,15 @@
-"""The paper's LSTM-MoE language model and its matched dense baseline.
+"""Language models with MoE layers, and their matched dense baselines.
 
-Shazeer et al. 2017, Appendix C (1B Word): embedding, LSTM, MoE, LSTM,
-softmax, with residual connections around the LSTM and MoE layers and
-dropout. The computationally matched baseline replaces the MoE layer by one
-feed-forward layer of hidden size `k * hidden_units` (the paper's
-"MoE-1-Wide"): the same multiply-adds per position for the experts.
+- `language_model`: the paper's LSTM-MoE model (Shazeer et al. 2017,
+  Appendix C, 1B Word): embedding, LSTM, MoE, LSTM, softmax, with residual
+  connections around the LSTM and MoE layers and dropout. The
+  computationally matched baseline replaces the MoE layer by one
+  feed-forward layer of hidden size `k * hidden_units` (the paper's
+  "MoE-1-Wide"): the same multiply-adds per position for the experts.
+- `transformer_language_model`: a small decoder-only Transformer whose
+  feed-forward layers are MoE layers as MoE models use them today (softmax
+  top-k router, gated experts, shared experts), or dense gated layers of
+  the same active size.
 """
 
 import keras
@@ -111,6 +116,123 @@ def language_model(
     return keras.Model(inputs, logits, name=name)
 
 
+@keras.saving.register_keras_serializable(package="keras_moe")
+class PositionEmbedding(keras.layers.Layer):
+    """Adds a learned embedding of each position: `[B, T, d] -> [B, T, d]`.
+
+    Args:
+        max_length: int. The longest sequence (`T <= max_length`).
+    """
+
+    def __init__(self, max_length, **kwargs):
+        super().__init__(**kwargs)
+        self.max_length = max_length
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=(self.max_length, input_shape[-1]),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+
+    def call(self, inputs):
+        length = keras.ops.shape(inputs)[1]
+        return inputs + keras.ops.cast(
+            self.embeddings[:length], inputs.dtype
+        )[None]
+
+    def get_config(self):
+        return {**super().get_config(), "max_length": self.max_length}
+
+
+def transformer_language_model(
+    vocab_size,
+    sequence_length,
+    model_dim=128,
+    num_layers=2,
+    num_heads=4,
+    num_experts=8,
+    hidden_units=256,
+    k=2,
+    shared_experts=1,
+    router="softmax_top_k",
+    experts="gated",
+    capacity_factor=None,
+    dropout=0.1,
+    seed=None,
+    name=None,
+):
+    """A decoder-only Transformer language model with MoE feed-forwards.
+
+    Pre-norm blocks `x + Dropout(Attention(LN(x)))` (causal) and
+    `x + Dropout(FFN(LN(x)))`, learned position embeddings, a final
+    layer norm and the output layer "logits".
+
+    Args:
+        vocab_size: int. Words in the vocabulary `V`.
+        sequence_length: int. The longest input (position embeddings).
+        model_dim, num_layers, num_heads: the Transformer's width `d`,
+            depth and attention heads.
+        num_experts: int. Routed experts of each MoE feed-forward; 0 builds
+            the dense baseline, where each feed-forward is one gated layer
+            as wide as the experts a position uses,
+            `(k + shared_experts) * hidden_units` (`silu(x Wg) * (x Wu)`,
+            then `Wd`, no biases; for `experts="mlp"`, `relu` with biases).
+        hidden_units: int. Hidden size `h` of each expert.
+        k, shared_experts, router, experts, capacity_factor, seed: passed
+            to each `MixtureOfExperts` (named "moe_1", "moe_2", ...).
+        dropout: float.
+        name: model name.
+
+    Returns:
+        `keras.Model` mapping int32 token ids `[batch, time]` to logits
+        `[batch, time, V]`.
+    """
+    inputs = keras.Input(shape=(None,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(vocab_size, model_dim, name="embedding")(inputs)
+    x = PositionEmbedding(sequence_length, name="positions")(x)
+    x = keras.layers.Dropout(dropout)(x)
+    for layer in range(1, num_layers + 1):
+        normed = keras.layers.LayerNormalization(name=f"attention_norm_{layer}")(x)
+        attention = keras.layers.MultiHeadAttention(
+            num_heads, model_dim // num_heads, name=f"attention_{layer}"
+        )(normed, normed, use_causal_mask=True)
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(attention)])
+        normed = keras.layers.LayerNormalization(name=f"ffn_norm_{layer}")(x)
+        if num_experts:
+            branch = moe_layers.MixtureOfExperts(
+                num_experts, hidden_units, k=k, router=router,
+                experts=experts, shared_experts=shared_experts,
+                capacity_factor=capacity_factor, seed=seed,
+                name=f"moe_{layer}",
+            )(normed)
+        else:
+            branch = _dense_ffn(
+                normed, (k + shared_experts) * hidden_units, model_dim,
+                experts, f"ffn_{layer}",
+            )
+        x = keras.layers.Add()([x, keras.layers.Dropout(dropout)(branch)])
+    x = keras.layers.LayerNormalization(name="final_norm")(x)
+    logits = keras.layers.Dense(vocab_size, name="logits")(x)
+    if name is None:
+        name = "moe_transformer_lm" if num_experts else "dense_transformer_lm"
+    return keras.Model(inputs, logits, name=name)
+
+
+def _dense_ffn(x, width, output_dim, experts, name):
+    """One dense feed-forward of `width` hidden units, of the experts' kind."""
+    if experts == "gated":
+        gate = keras.layers.Dense(width, use_bias=False, name=f"{name}_gate")(x)
+        up = keras.layers.Dense(width, use_bias=False, name=f"{name}_up")(x)
+        hidden = keras.layers.Multiply()(
+            [keras.layers.Activation("silu")(gate), up]
+        )
+        return keras.layers.Dense(
+            output_dim, use_bias=False, name=f"{name}_down"
+        )(hidden)
+    hidden = keras.layers.Dense(width, activation="relu", name=f"{name}_hidden")(x)
+    return keras.layers.Dense(output_dim, name=f"{name}_output")(hidden)
+
+
 def ops_per_timestep(model):
     """Multiply-adds per position of a forward pass, excluding the softmax.
 
@@ -118,9 +240,11 @@ def ops_per_timestep(model):
     `4 * units * (input + units)`, dense layers `input * output`, an MoE
     layer its gate (`d * E`; hierarchical: `d * (a + a * b)`, as computed
     here) plus `k` experts of `d * h + h * d_out` (hierarchical: `k * k`;
-    gated experts `2 * d * h + h * d_out`).
-    The output layer named "logits" (the softmax) and embeddings are left
-    out.
+    gated experts `2 * d * h + h * d_out`) and its shared experts (and
+    their gate's `d`); attention layers their projections (`4 d^2` at
+    equal widths; the attention scores, which grow with the sequence, are
+    left out). The output layer named "logits" (the softmax) and
+    embeddings are left out.
 
     Returns:
         int.
@@ -134,6 +258,11 @@ def ops_per_timestep(model):
             total += 4 * layer.cell.units * (input_dim + layer.cell.units)
         elif isinstance(layer, keras.layers.Dense):
             total += layer.kernel.shape[0] * layer.kernel.shape[1]
+        elif isinstance(layer, keras.layers.MultiHeadAttention):
+            total += sum(
+                int(np.prod(weight.shape)) for weight in layer.weights
+                if len(weight.shape) > 1
+            )
         elif isinstance(layer, moe_layers.MixtureOfExpertsBase):
             # Per expert: the multiply-adds of its kernels (`d*h + h*d_out`;
             # gated experts `2*d*h + h*d_out`).
@@ -151,6 +280,10 @@ def ops_per_timestep(model):
             else:
                 total += d * layer.num_experts
             total += per_position * per_expert
+            shared = getattr(layer, "shared_experts", 0)
+            total += shared * per_expert
+            if shared and layer.shared_expert_gate:
+                total += d
     return int(total)
 
 

@@ -71,6 +71,38 @@ def test_builders_report_ops_and_parameters(num_experts, groups):
     assert model.output_shape == (None, None, V)
 
 
+@pytest.mark.parametrize("num_experts", [0, 6])
+def test_transformer_builder_matches_active_size_and_is_causal(num_experts):
+    V, T, d, h, k, layers = 40, 9, 16, 12, 2, 2
+    model = models.transformer_language_model(
+        V, T, model_dim=d, num_layers=layers, num_heads=2,
+        num_experts=num_experts, hidden_units=h, k=k, shared_experts=1,
+        dropout=0.0, seed=0,
+    )
+    attention = 4 * d * d
+    ffn = (k + 1) * (2 * d * h + h * d)  # k routed + 1 shared, gated
+    gate = d * num_experts
+    assert models.ops_per_timestep(model) == layers * (attention + ffn + gate)
+    if num_experts:  # E routed + 1 shared experts, and the router
+        ffn_params = (num_experts + 1) * 3 * d * h + d * num_experts
+    else:
+        ffn_params = 3 * d * (k + 1) * h
+    norms = (2 * layers + 1) * 2 * d
+    attention_params = attention + 4 * d  # projections and their biases
+    assert model.count_params() == (
+        V * d + T * d + layers * (attention_params + ffn_params) + norms
+        + d * V + V
+    )
+    # Causal: changing the last token changes only the last position's
+    # logits (dropless routing treats each position on its own).
+    tokens = np.random.default_rng(0).integers(0, V, (3, T)).astype("int32")
+    changed = tokens.copy()
+    changed[:, -1] = (changed[:, -1] + 1) % V
+    before, after = model(tokens), model(changed)
+    np.testing.assert_allclose(before[:, :-1], after[:, :-1], atol=1e-6)
+    assert np.abs(np.asarray(before[:, -1] - after[:, -1])).max() > 1e-4
+
+
 def test_routing_statistics_equal_counts_of_a_known_batch():
     keras.utils.set_random_seed(3)
     inputs = keras.Input((None,), dtype="int32")
