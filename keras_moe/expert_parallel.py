@@ -27,6 +27,9 @@ experts' rows); each device runs its `E / n` experts on its rows; the
 and combined. Gradients flow back the same way.
 """
 
+import contextlib
+import functools
+
 import keras
 
 from keras_moe import compat
@@ -78,7 +81,12 @@ class ExpertParallel:
     (`'tf.EmptyTensorList' op does not implement layout propagation`).
     MoE layers need a `capacity_factor`: DTensor needs static shapes, and a
     dropless buffer's size depends on the routing. `distribute` checks both.
-    Saving: see `unsharded_weights`.
+
+    Saving: `distribute` makes the model's `save_weights`, `load_weights`,
+    `save` and `export` (and so `ModelCheckpoint` and `BackupAndRestore`)
+    gather every weight, optimizer slot and metric to the host first and
+    scatter loaded values back to their shards (`on_host`), so files are
+    ordinary Keras files that load into an unsharded model and back.
 
     Args:
         expert_shards: devices on the expert axis (default: all devices
@@ -100,6 +108,8 @@ class ExpertParallel:
         if device_type is None:
             device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
         devices = tf.config.list_logical_devices(device_type)
+        if dtensor.num_clients() > 1:  # every client's devices count
+            devices = [None] * dtensor.num_global_devices(device_type)
         if batch_shards < 1:
             raise ValueError(f"`batch_shards` must be >= 1. Received: {batch_shards}")
         if expert_shards is None:
@@ -114,11 +124,19 @@ class ExpertParallel:
         self._dtensor = dtensor
         self.batch_shards = batch_shards
         self.expert_shards = expert_shards
-        self.mesh = dtensor.create_mesh(
-            [(BATCH_AXIS, batch_shards), (EXPERT_AXIS, expert_shards)],
-            devices=[d.name for d in devices[: batch_shards * expert_shards]],
-            device_type=device_type,
-        )
+        axes = [(BATCH_AXIS, batch_shards), (EXPERT_AXIS, expert_shards)]
+        if dtensor.num_clients() > 1:
+            # Several processes (`initialize_dtensor_cluster`): the mesh
+            # spans every client's devices, these local ones included.
+            self.mesh = dtensor.create_distributed_mesh(
+                axes, device_type=device_type
+            )
+        else:
+            self.mesh = dtensor.create_mesh(
+                axes,
+                devices=[d.name for d in devices[: batch_shards * expert_shards]],
+                device_type=device_type,
+            )
 
     # Layouts -------------------------------------------------------------
 
@@ -158,17 +176,16 @@ class ExpertParallel:
         return self._dtensor.unpack(self._read(variable))
 
     def expert_placement(self, model):
-        """Which experts each device holds: `{layer name: {device: range}}`."""
+        """Which experts each of this process's devices holds:
+        `{layer name: {device: range}}`."""
+        locations = self.mesh.local_device_locations()
         placement = {}
         for layer in _expert_layers(model):
             pieces = self.local_values(next(iter(layer.expert_variables.values())))
-            start, devices = 0, {}
-            for piece in pieces:
+            devices = {}
+            for piece, location in zip(pieces, locations):
+                start = location[EXPERT_AXIS] * piece.shape[0]
                 devices[piece.device] = range(start, start + piece.shape[0])
-                if self.batch_shards == 1:
-                    start += piece.shape[0]
-                else:
-                    start = (start + piece.shape[0]) % layer.num_experts
             placement[layer.name] = devices
         return placement
 
@@ -258,6 +275,7 @@ class ExpertParallel:
             self._function(model, model.test_step),
             self._function(model, model.predict_step),
         )
+        self._host_savers(model)
         compat.claim_process_mesh(self.mesh.to_string())
         return model
 
@@ -272,13 +290,83 @@ class ExpertParallel:
         return self.relayout(outputs, self.replicated(len(outputs.shape)))
 
     def unsharded_weights(self, model):
-        """`model.get_weights()` gathered to the host (NumPy arrays).
-
-        Keras' savers (`save_weights`, `ModelCheckpoint`, `export`) read
-        variables as host arrays, which a sharded DTensor is not; set these
-        on an unsharded copy of the model to save or export it.
-        """
+        """`model.get_weights()` gathered to the host (NumPy arrays)."""
         return [self.to_numpy(variable) for variable in model.weights]
+
+    def _mesh_variables(self, model):
+        """Every variable of `model`, its optimizer and metrics that lives
+        on the mesh, each once."""
+        variables, seen = [], set()
+        for variable in (
+            list(model.variables)
+            + list(getattr(model.optimizer, "variables", []))
+            + list(model.metrics_variables)
+        ):
+            if id(variable) in seen:
+                continue
+            seen.add(id(variable))
+            if self._dtensor.is_dtensor(getattr(variable, "value", None)):
+                variables.append(variable)
+        return variables
+
+    @contextlib.contextmanager
+    def on_host(self, model, write_back=True):
+        """Every mesh variable of `model` (weights, optimizer slots,
+        metrics) as an ordinary host variable inside the block.
+
+        Each is gathered to the host on entry; on exit its host value
+        (changed, e.g., by `load_weights`) is scattered back to its shards
+        in its layout and the mesh variable takes its place again, so the
+        traced train/test/predict steps keep working. `distribute` runs
+        Keras' savers this way: `save_weights` (and so `ModelCheckpoint`),
+        `load_weights` (and so `BackupAndRestore`), `save` and `export`.
+
+        Args:
+            model: a model placed by `distribute`.
+            write_back: copy the host values back to the mesh on exit
+                (False when the block only reads, as a save does).
+        """
+        tf = self._tf
+        placed = []
+        for variable in self._mesh_variables(model):
+            mesh_variable = variable.value
+            layout = self._dtensor.fetch_layout(mesh_variable)
+            host = tf.Variable(
+                self.to_numpy(variable), trainable=mesh_variable.trainable,
+                name=mesh_variable.name.split(":")[0],
+            )
+            compat.replace_variable_storage(variable, host)
+            placed.append((variable, mesh_variable, layout))
+        experts = _expert_layers(model)
+        for layer in experts:  # what is traced on the host (export) has no
+            layer.set_expert_relayout(None, None)  # relayouts
+        try:
+            yield model
+        finally:
+            for layer in experts:
+                layer.set_expert_relayout(self._to_expert_layout,
+                                          self._to_token_layout)
+            for variable, mesh_variable, layout in placed:
+                if write_back:
+                    mesh_variable.assign(
+                        self.pack(variable.value.read_value(), layout)
+                    )
+                compat.replace_variable_storage(variable, mesh_variable)
+
+    def _host_savers(self, model):
+        """Makes the model's savers and loaders run `on_host`."""
+
+        def wrap(method, write_back):
+            @functools.wraps(method)
+            def on_host(*args, **kwargs):
+                with self.on_host(model, write_back=write_back):
+                    return method(*args, **kwargs)
+
+            return on_host
+
+        for name, write_back in (("save_weights", False), ("save", False),
+                                 ("export", False), ("load_weights", True)):
+            setattr(model, name, wrap(getattr(model, name), write_back))
 
     def _watch_optimizer(self, optimizer):
         """Optimizer slots take the layout of their variable; gradients are
@@ -359,11 +447,10 @@ class ExpertParallel:
             if not outputs:
                 raise StopIteration
             if concatenate_outputs:
+                # Host tensors, as Keras' predict loop expects (it calls
+                # `.numpy()` on them).
                 return tf.nest.map_structure(
-                    lambda *parts: keras.ops.convert_to_numpy(
-                        keras.ops.concatenate(parts, axis=0)
-                    ),
-                    *outputs,
+                    lambda *parts: tf.concat(parts, axis=0), *outputs
                 )
             return outputs[-1]
 
@@ -411,3 +498,170 @@ def jax_model_parallel(model_axis="model", batch_axis="batch", devices=None,
     for name, rank in moe_layers.EXPERT_WEIGHT_RANKS.items():
         layout_map[f".*{name}"] = (model_axis,) + (None,) * (rank - 1)
     return distribution.ModelParallel(layout_map=layout_map, batch_dim_name=batch_axis)
+
+
+# Several hosts ---------------------------------------------------------------
+
+COORDINATOR_VARIABLE = "KERAS_MOE_COORDINATOR_ADDRESS"
+NUM_PROCESSES_VARIABLE = "KERAS_MOE_NUM_PROCESSES"
+PROCESS_ID_VARIABLE = "KERAS_MOE_PROCESS_ID"
+
+
+def cluster_from_environment(environ=None):
+    """This host's place in the cluster, from its environment.
+
+    Either the three variables `KERAS_MOE_COORDINATOR_ADDRESS` (`host:port`
+    of process 0's coordinator), `KERAS_MOE_NUM_PROCESSES` and
+    `KERAS_MOE_PROCESS_ID`, or a `TF_CONFIG` (`{"cluster": {"worker":
+    [addresses]}, "task": {"type": "worker", "index": i}}`), whose first
+    worker's address becomes the coordinator's.
+
+    Args:
+        environ: mapping to read (default `os.environ`).
+
+    Returns:
+        `(coordinator_address, num_processes, process_id)`, or None when
+        neither is set (one process).
+    """
+    import json
+    import os
+
+    environ = os.environ if environ is None else environ
+    if COORDINATOR_VARIABLE in environ:
+        try:
+            num_processes = int(environ[NUM_PROCESSES_VARIABLE])
+            process_id = int(environ[PROCESS_ID_VARIABLE])
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                f"{COORDINATOR_VARIABLE} is set, so {NUM_PROCESSES_VARIABLE} "
+                f"and {PROCESS_ID_VARIABLE} must be integers too."
+            ) from error
+        cluster = (environ[COORDINATOR_VARIABLE], num_processes, process_id)
+    elif environ.get("TF_CONFIG"):
+        config = json.loads(environ["TF_CONFIG"])
+        workers = config.get("cluster", {}).get("worker", [])
+        task = config.get("task", {})
+        if not workers or task.get("type", "worker") != "worker":
+            raise ValueError(
+                "TF_CONFIG must list the workers (cluster.worker) and give "
+                f"this task as a worker. Received: {environ['TF_CONFIG']}"
+            )
+        cluster = (workers[0], len(workers), int(task.get("index", 0)))
+    else:
+        return None
+    if not 0 <= cluster[2] < cluster[1]:
+        raise ValueError(
+            f"Process id {cluster[2]} is outside the cluster's "
+            f"{cluster[1]} processes."
+        )
+    return cluster
+
+
+def jax_cluster_model_parallel(expert_shards=None, environ=None, **kwargs):
+    """Joins the cluster this host belongs to and shards experts over all
+    of its devices (JAX): the same script runs on every host.
+
+    Reads the cluster with `cluster_from_environment`, starts JAX's
+    distributed runtime (`keras.distribution.initialize`: one coordinator,
+    every process's devices in one global list) and returns
+    `jax_model_parallel` over the global devices, the expert axis spanning
+    the hosts. Without a cluster in the environment it is
+    `jax_model_parallel` on this process's devices.
+
+    Data: each process passes its share of every global batch to `fit`
+    (Keras does not split arrays across processes). With the default mesh,
+    every device on the expert axis, that share is the whole batch, the
+    same on every process; with `expert_shards` smaller than the device
+    count the batch axis spans the processes and each passes its own
+    `1 / num_processes` of the batch.
+
+    ```python
+    # on every host, e.g. with TF_CONFIG set per host
+    keras.distribution.set_distribution(jax_cluster_model_parallel())
+    model = build_model(); model.compile(...); model.fit(x, y)
+    ```
+
+    Args:
+        expert_shards: devices on the expert axis (default: all devices
+            of all processes).
+        environ: mapping read for the cluster (default `os.environ`).
+        **kwargs: passed to `jax_model_parallel` (axis names).
+
+    Returns:
+        `keras.distribution.ModelParallel`.
+    """
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            "jax_cluster_model_parallel needs the JAX backend; on TensorFlow "
+            "see the README's 'Several hosts'."
+        )
+    cluster = cluster_from_environment(environ)
+    if cluster is not None:
+        import jax
+
+        if not jax.distributed.is_initialized():
+            address, num_processes, process_id = cluster
+            keras.distribution.initialize(
+                address, num_processes=num_processes, process_id=process_id
+            )
+    distribution = jax_model_parallel(expert_shards=expert_shards, **kwargs)
+    if cluster is not None:
+        # Each process feeds its share of the batch itself (see above).
+        distribution.auto_shard_dataset = False
+    return distribution
+
+
+def initialize_dtensor_cluster(environ=None, device_type="CPU",
+                               num_cpu_devices=None):
+    """Joins the cluster this host belongs to as a DTensor client
+    (TensorFlow): the same script runs on every host.
+
+    Reads the cluster with `cluster_from_environment` (the coordinator's
+    address is not needed: every client's address is; with `TF_CONFIG` they
+    are its workers, with the `KERAS_MOE_*` variables this is refused),
+    sets `DTENSOR_CLIENT_ID`, `DTENSOR_NUM_CLIENTS`, `DTENSOR_JOB_NAME` and
+    `DTENSOR_JOBS`, and calls `dtensor.initialize_accelerator_system`.
+    Call it first, before TensorFlow runs anything (DTensor refuses an
+    initialised TensorFlow); `ExpertParallel` then builds its mesh over
+    every client's devices.
+
+    Args:
+        environ: mapping read for the cluster (default `os.environ`).
+        device_type: "CPU" or "GPU".
+        num_cpu_devices: optional int, the logical CPU devices of this
+            client (CPU clusters; `distribution.use_virtual_cpu_devices`
+            would initialise TensorFlow too early).
+
+    Returns:
+        the number of clients (1 without a cluster, where nothing is done).
+    """
+    import json
+    import os
+
+    from tensorflow.experimental import dtensor
+
+    import tensorflow as tf
+
+    environ = os.environ if environ is None else environ
+    cluster = cluster_from_environment(environ)
+    if num_cpu_devices:
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices,
+        )
+    if cluster is None:
+        return 1
+    if not environ.get("TF_CONFIG"):
+        raise ValueError(
+            "A DTensor cluster needs every client's address: describe it "
+            "with TF_CONFIG (cluster.worker), not KERAS_MOE_COORDINATOR_ADDRESS."
+        )
+    workers = json.loads(environ["TF_CONFIG"])["cluster"]["worker"]
+    os.environ.update({
+        "DTENSOR_CLIENT_ID": str(cluster[2]),
+        "DTENSOR_NUM_CLIENTS": str(cluster[1]),
+        "DTENSOR_JOB_NAME": "worker",
+        "DTENSOR_JOBS": ",".join(workers),
+    })
+    dtensor.initialize_accelerator_system(device_type)
+    return cluster[1]

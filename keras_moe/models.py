@@ -259,9 +259,9 @@ def ops_per_timestep(model):
         elif isinstance(layer, keras.layers.Dense):
             total += layer.kernel.shape[0] * layer.kernel.shape[1]
         elif isinstance(layer, keras.layers.MultiHeadAttention):
-            total += sum(
+            total += sum(  # the four projection kernels, not the biases
                 int(np.prod(weight.shape)) for weight in layer.weights
-                if len(weight.shape) > 1
+                if weight.name == "kernel"
             )
         elif isinstance(layer, moe_layers.MixtureOfExpertsBase):
             # Per expert: the multiply-adds of its kernels (`d*h + h*d_out`;

@@ -6,6 +6,7 @@ JAX initialise, so such tests run their code in a subprocess.
 """
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -79,3 +80,14 @@ def run_python(code, tmp_path, env_extra=None, timeout=900):
         result.stdout[-3000:] + result.stderr[-4000:]
     )
     return result.stdout
+
+
+def free_ports(count):
+    """`count` TCP ports of 127.0.0.1 that are free now."""
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports

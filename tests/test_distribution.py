@@ -6,12 +6,12 @@ processes talking over 127.0.0.1).
 """
 
 import json
-import socket
 import textwrap
 
 import numpy as np
 
 from tests.subprocesses import ROOT
+from tests.subprocesses import free_ports
 from tests.subprocesses import run_python
 from tests.subprocesses import start_python
 from tests.subprocesses import wait_all
@@ -221,18 +221,8 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def test_multi_worker_mirrored_fit_in_two_processes(tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     script = WORKER.format(out=str(tmp_path))
     workers = [

@@ -179,6 +179,151 @@ def test_dtensor_language_model_fit_on_a_batch_by_expert_mesh(tmp_path):
     )
 
 
+CHECKPOINT_SCENARIO = """
+import tensorflow as tf
+x, y = data(n=32)
+fit = dict(batch_size=8, epochs=3, verbose=0, shuffle=False)
+
+def distributed(**kwargs):
+    model = lstm_moe_model(**kwargs)
+    parallel.distribute(model)
+    return model
+
+def state(model):
+    # weights (with the routing statistics' accumulators), optimizer state
+    return ([parallel.to_numpy(v) for v in model.weights],
+            [parallel.to_numpy(v) for v in model.optimizer.variables])
+
+class Interrupted(Exception):
+    pass
+
+class InterruptMidEpoch(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1 and batch == 2:
+            raise Interrupted()
+
+{body}
+print("DONE")
+"""
+
+
+def _checkpoint_scenario(body, tmp_path, prelude, env_extra=None):
+    script = CHECKPOINT_SCENARIO.format(body=textwrap.dedent(body))
+    return _run(script, tmp_path, prelude, env_extra=env_extra)
+
+
+DTENSOR_CHECKPOINT_PRELUDE = DTENSOR_PRELUDE + """
+parallel = expert_parallel.ExpertParallel()
+"""
+
+JAX_CHECKPOINT_PRELUDE = JAX_PRELUDE + """
+keras.distribution.set_distribution(expert_parallel.jax_model_parallel())
+
+def lstm_moe_model(**kwargs):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape=(10, 40))
+    h = keras.layers.LSTM(16, return_sequences=True)(inputs)
+    h = keras_moe.MixtureOfExperts(8, 32, capacity_factor=2.0, seed=1, name="moe")(h)
+    model = keras.Model(inputs, keras.layers.Dense(40)(h))
+    model.compile(keras.optimizers.Adam(0.02),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+def data(n=32, seq=10, vocab=40):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, vocab, size=(n, seq)).astype("int32")
+    return np.eye(vocab, dtype="float32")[y], y
+
+class parallel:  # JAX arrays gather to the host by themselves
+    to_numpy = staticmethod(lambda v: np.asarray(v.value if hasattr(v, "value") else v))
+    distribute = staticmethod(lambda model: model)
+
+import keras_moe
+"""
+
+JAX_4_DEVICES = {
+    "KERAS_BACKEND": "jax",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+}
+
+BACKUP_AND_RESTORE = """
+want = distributed()
+want.fit(x, y, **fit)
+backup = keras.callbacks.BackupAndRestore({backup!r})
+interrupted = distributed()
+try:
+    interrupted.fit(x, y, callbacks=[backup, InterruptMidEpoch()], **fit)
+    raise AssertionError("not interrupted")
+except Interrupted:
+    pass
+resumed = distributed()  # a fresh model: everything comes from the backup
+resumed.fit(x, y, callbacks=[keras.callbacks.BackupAndRestore({backup!r})], **fit)
+got_state, want_state = state(resumed), state(want)
+for got, expected in zip(got_state[0] + got_state[1], want_state[0] + want_state[1]):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+assert int(resumed.optimizer.iterations.numpy()) == 12
+assert resumed.get_layer("moe").routing_statistics()["positions"] > 0
+np.testing.assert_allclose(
+    resumed.get_layer("moe").routing_statistics()["fraction_per_expert"],
+    want.get_layer("moe").routing_statistics()["fraction_per_expert"], atol=1e-6)
+"""
+
+CHECKPOINT_AND_EXPORT = """
+model = distributed()
+path = {out!r} + "/epoch{{epoch}}.weights.h5"
+model.fit(x, y, callbacks=[keras.callbacks.ModelCheckpoint(path, save_weights_only=True)],
+          **dict(fit, epochs=2))
+want = model.predict(x, batch_size=8, verbose=0)
+{unsharded}
+plain.load_weights({out!r} + "/epoch2.weights.h5")
+np.testing.assert_allclose(plain.predict(x, batch_size=8, verbose=0), want, atol=1e-5)
+# model.export() of the distributed model serves what the unsharded
+# model's export serves.
+model.export({out!r} + "/distributed", verbose=False)
+plain.export({out!r} + "/plain", verbose=False)
+import tensorflow as tf
+served = [tf.saved_model.load({out!r} + "/" + name) for name in ("distributed", "plain")]
+outputs = [np.asarray(s.serve(tf.constant(x[:8]))) for s in served]
+np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+np.testing.assert_allclose(outputs[0], want[:8], atol=1e-5)
+# .keras of the distributed model, and training goes on after saving
+model.save({out!r} + "/model.keras")
+loaded = keras.saving.load_model({out!r} + "/model.keras")
+np.testing.assert_allclose(loaded.predict(x, batch_size=8, verbose=0), want, atol=1e-5)
+model.fit(x, y, **dict(fit, epochs=1))
+"""
+
+
+def test_dtensor_checkpoint_backup_and_restore_resumes_an_interrupted_fit(tmp_path):
+    _checkpoint_scenario(
+        BACKUP_AND_RESTORE.format(backup=str(tmp_path / "backup")),
+        tmp_path, DTENSOR_CHECKPOINT_PRELUDE,
+    )
+
+
+def test_dtensor_checkpoint_and_export_load_into_an_unsharded_model(tmp_path):
+    # The unsharded model: the same one in a process without a mesh
+    # variable (DTensor keeps one mesh per process, so built before
+    # distribute would be too late): a plain copy built now is unsharded.
+    _checkpoint_scenario(
+        CHECKPOINT_AND_EXPORT.format(out=str(tmp_path), unsharded=(
+            "plain = lstm_moe_model()  # never distributed: host variables"
+        )),
+        tmp_path, DTENSOR_CHECKPOINT_PRELUDE,
+    )
+
+
+def test_jax_checkpoint_backup_and_restore_resumes_an_interrupted_fit(tmp_path):
+    pytest.importorskip("jax")
+    _checkpoint_scenario(
+        BACKUP_AND_RESTORE.format(backup=str(tmp_path / "backup")),
+        tmp_path, JAX_CHECKPOINT_PRELUDE, env_extra=JAX_4_DEVICES,
+    )
+
+
 def test_dtensor_rejects_what_it_cannot_shard(tmp_path):
     _run(
         """
