@@ -53,8 +53,8 @@ def _hub_module(path):
 
 
 def _block_patches():
-    """{keras-hub layer class: the function making its sparse `call`,
-    given the layer and its parent}."""
+    """{keras-hub layer class: the function that, given such a layer,
+    returns `(layer to change, its sparse call)`, or None to skip it}."""
     mixtral = _hub_module("mixtral.mixtral_decoder")
     qwen = _hub_module("qwen_moe.qwen_moe_decoder")
     qwen3 = _hub_module("qwen3_moe.qwen3_moe_decoder")
@@ -63,8 +63,12 @@ def _block_patches():
     gemma4 = _hub_module("gemma4.gemma4_decoder_block")
     return {
         mixtral.MixtralSparseMoeBlock: _sparse_mixtral_call,
-        qwen.QwenSparseMoeBlock: _sparse_qwen_call,
-        qwen3.Qwen3SparseMoeBlock: _sparse_qwen3_call,
+        qwen.QwenSparseMoeBlock: _sparse_qwen_call(
+            "qwen_moe.qwen_moe_decoder", _qwen_shared_expert
+        ),
+        qwen3.Qwen3SparseMoeBlock: _sparse_qwen_call(
+            "qwen3_moe.qwen3_moe_decoder"
+        ),
         qwen3_5.Qwen3_5MoeSparseMoeBlock: _sparse_qwen3_5_call,
         gpt_oss.GptOssSparseMoeBlock: _sparse_gpt_oss_call,
         gemma4.Gemma4TextDecoderBlock: _sparse_gemma4_call,
@@ -219,31 +223,30 @@ def _fused_bank(bank):
             bank._expert_feedforward_output_dense)
 
 
-def _sparse_qwen_call(block):
-    """Qwen-MoE: routed experts plus the dense shared expert scaled by its
-    sigmoid gate."""
-    module = _hub_module("qwen_moe.qwen_moe_decoder")
-    return block, _softmax_router_call(
-        block, block._sparse_feedforward_gate_dense, _fused_bank(
-            block.expert_bank),
-        _swiglu(block.expert_bank.activation, fused=True),
-        normalize=block.norm_top_k_prob,
-        loss=(block.router_aux_loss_coefficient,
-              module.compute_load_balancing_loss),
-        shared=lambda features: block.shared_expert_dense(features)
-        * ops.sigmoid(block.shared_expert_gate_dense(features)),
-    )
+def _sparse_qwen_call(module_path, shared=None):
+    """The patch of Qwen-MoE's and Qwen3-MoE's blocks (`module_path`: the
+    block's keras-hub module): routed experts with a fused gate-up kernel,
+    plus `shared(block)`'s shared expert when given (Qwen-MoE)."""
+
+    def patch(block):
+        module = _hub_module(module_path)
+        return block, _softmax_router_call(
+            block, block._sparse_feedforward_gate_dense,
+            _fused_bank(block.expert_bank),
+            _swiglu(block.expert_bank.activation, fused=True),
+            normalize=block.norm_top_k_prob,
+            loss=(block.router_aux_loss_coefficient,
+                  module.compute_load_balancing_loss),
+            shared=shared(block) if shared else None,
+        )
+
+    return patch
 
 
-def _sparse_qwen3_call(block):
-    module = _hub_module("qwen3_moe.qwen3_moe_decoder")
-    return block, _softmax_router_call(
-        block, block._sparse_feedforward_gate_dense, _fused_bank(
-            block.expert_bank),
-        _swiglu(block.expert_bank.activation, fused=True),
-        normalize=block.norm_top_k_prob,
-        loss=(block.router_aux_loss_coefficient,
-              module.compute_load_balancing_loss),
+def _qwen_shared_expert(block):
+    """Qwen-MoE's dense shared expert, scaled by its sigmoid gate."""
+    return lambda features: block.shared_expert_dense(features) * ops.sigmoid(
+        block.shared_expert_gate_dense(features)
     )
 
 
