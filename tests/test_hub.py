@@ -11,12 +11,19 @@ import keras  # noqa: E402
 from keras_moe.integrations import keras_hub as hub  # noqa: E402
 
 
-def _backbone(num_experts=4, top_k=2):
+def _tiny(name, **config):
+    """A tiny keras-hub backbone `name`, seeded: 2 layers, width 16."""
     keras.utils.set_random_seed(0)
-    return keras_hub.models.MixtralBackbone(
+    return getattr(keras_hub.models, name)(
         vocabulary_size=50, num_layers=2, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=16, intermediate_dim=24,
-        num_experts=num_experts, top_k=top_k, dtype="float32",
+        num_key_value_heads=1, hidden_dim=16, dtype="float32", **config,
+    )
+
+
+def _backbone(num_experts=4, top_k=2):
+    return _tiny(
+        "MixtralBackbone", intermediate_dim=24, num_experts=num_experts,
+        top_k=top_k
     )
 
 
@@ -82,58 +89,45 @@ def test_sparsify_finds_nothing_in_other_models():
 
 
 def _qwen_backbone():
-    keras.utils.set_random_seed(0)
-    return keras_hub.models.QwenMoeBackbone(
-        vocabulary_size=50, num_layers=2, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32,
-        moe_intermediate_dim=12, shared_expert_intermediate_dim=20,
-        num_experts=6, top_k=2, norm_top_k_prob=False, dtype="float32",
+    return _tiny(
+        "QwenMoeBackbone", intermediate_dim=32, moe_intermediate_dim=12,
+        shared_expert_intermediate_dim=20, num_experts=6, top_k=2,
+        norm_top_k_prob=False
     )
 
 
 def _qwen3_backbone():
-    keras.utils.set_random_seed(0)
-    return keras_hub.models.Qwen3MoeBackbone(
-        vocabulary_size=50, num_layers=2, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=16, intermediate_dim=32,
-        moe_intermediate_dim=12, num_experts=6, top_k=2, head_dim=8,
-        norm_top_k_prob=True, router_aux_loss_coefficient=0.01,
-        dtype="float32",
+    return _tiny(
+        "Qwen3MoeBackbone", intermediate_dim=32, moe_intermediate_dim=12,
+        num_experts=6, top_k=2, head_dim=8, norm_top_k_prob=True,
+        router_aux_loss_coefficient=0.01
     )
 
 
 def _qwen3_5_backbone():
-    keras.utils.set_random_seed(0)
-    return keras_hub.models.Qwen3_5MoeBackbone(
-        vocabulary_size=50, num_layers=2, num_query_heads=2,
-        num_key_value_heads=1, head_dim=8, hidden_dim=16,
-        moe_intermediate_dim=12, shared_expert_intermediate_size=20,
-        num_experts=6, top_k=2, linear_num_key_heads=2,
-        linear_num_value_heads=2, linear_key_head_dim=8,
-        linear_value_head_dim=8, router_aux_loss_coefficient=0.01,
-        dtype="float32",
+    return _tiny(
+        "Qwen3_5MoeBackbone", head_dim=8, moe_intermediate_dim=12,
+        shared_expert_intermediate_size=20, num_experts=6, top_k=2,
+        linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=8, linear_value_head_dim=8,
+        router_aux_loss_coefficient=0.01
     )
 
 
 def _gpt_oss_backbone():
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.GptOssBackbone(
-        vocabulary_size=50, num_layers=2, num_query_heads=2, hidden_dim=16,
-        intermediate_dim=12, num_key_value_heads=1, num_experts=6, top_k=2,
-        head_dim=8, dtype="float32",
+    backbone = _tiny(
+        "GptOssBackbone", intermediate_dim=12, num_experts=6, top_k=2,
+        head_dim=8
     )
     _randomize(backbone, "GptOssExperts")  # its biases start at zero
     return backbone
 
 
 def _gemma4_backbone():
-    keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.Gemma4Backbone(
-        vocabulary_size=50, image_size=16, num_layers=2, num_query_heads=2,
-        num_key_value_heads=1, hidden_dim=16, intermediate_dim=24,
-        head_dim=8, enable_moe_block=True, num_experts=6,
-        expert_intermediate_dim=12, num_experts_per_token=2,
-        dtype="float32",
+    backbone = _tiny(
+        "Gemma4Backbone", image_size=16, intermediate_dim=24, head_dim=8,
+        enable_moe_block=True, num_experts=6, expert_intermediate_dim=12,
+        num_experts_per_token=2
     )
     _randomize(backbone, "Gemma4MoEBlock")  # its experts start at zero
     return backbone
