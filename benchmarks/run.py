@@ -38,6 +38,9 @@ with `TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1` so that
 freed memory is returned. "Beyond weights and gradients" also subtracts
 one copy of the weights for their gradients.
 
+The `hub` regime times `dense-gated`, `keras-hub-mixtral` and
+`keras-hub-mixtral-sparse` alone at `--hub-experts` (8, 32, 64), N=4096.
+
 `all-experts` and `keras-hub-mixtral` build `[E, N, hidden]` activations
 (16 GB at E=1024) and are run for E <= 64 only. The JAX rows
 (`benchmarks/jax_rows.py`: dense, capacity and the ragged dropless path)
@@ -74,6 +77,8 @@ CONFIGS = [
 
 
 def _applies(config, num_experts, regime="fixed"):
+    if regime == "hub":
+        return config in HUB_CONFIGS
     if config in ("all-experts", "keras-hub-mixtral"):
         return regime == "fixed" and num_experts <= DENSE_ONLY_LIMIT
     if config in ("keras-hub-mixtral-sparse", "dense-gated"):
@@ -355,7 +360,13 @@ TABLE_TITLES = {
     "fixed": "N = 4,096 tokens at every expert count (the issue-3 workload)",
     "paper": "The paper's regime: N = 64 E tokens (about 128 rows per expert)",
     "jax": "JAX backend (`jax.jit`), N = 4,096: ratios over `jax-dense`",
+    "hub": "keras-hub's Mixtral block as shipped and after `sparsify`, "
+           "N = 4,096: ratios over `dense-gated`",
 }
+
+# The `hub` regime: keras-hub's block against a dense gated FFN of the same
+# active size, at its own expert counts (`--hub-experts`).
+HUB_CONFIGS = ["dense-gated", "keras-hub-mixtral", "keras-hub-mixtral-sparse"]
 
 
 def write_tables(tables, header, out_dir):
@@ -390,9 +401,11 @@ def main(argv=None):
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument(
-        "--regimes", default="fixed,paper",
-        help="fixed: N=4096 tokens at every E; paper: N = 64 E tokens",
+        "--regimes", default="fixed,paper,hub",
+        help="fixed: N=4096 tokens at every E; paper: N = 64 E tokens; "
+        "hub: keras-hub's Mixtral block before and after sparsify",
     )
+    parser.add_argument("--hub-experts", default="8,32,64")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument(
         "--jax-experts", default="4,16,64",
@@ -427,7 +440,8 @@ def main(argv=None):
     tables = []
     for regime in [r for r in args.regimes.split(",") if r]:
         rows = []
-        for num_experts in [int(e) for e in args.experts.split(",")]:
+        expert_counts = args.hub_experts if regime == "hub" else args.experts
+        for num_experts in [int(e) for e in expert_counts.split(",") if e]:
             batch = batch_for(regime, num_experts)
             active = [c for c in configs if _applies(c, num_experts, regime)]
             print(f"{regime}: E={num_experts}, N={batch * LENGTH}: timing "
@@ -499,11 +513,13 @@ def jax_rows(experts, reps):
 def batch_for(regime, num_experts):
     """Sequences of `LENGTH` per step: 16 (N=4096) in the fixed regime,
     `E / 4` (N = 64 E, about 128 rows per expert) in the paper's."""
-    if regime == "fixed":
+    if regime in ("fixed", "hub"):
         return BATCH
     if regime == "paper":
         return max(1, num_experts * 64 // LENGTH)
-    raise ValueError(f"Unknown regime {regime!r}: 'fixed' or 'paper'.")
+    raise ValueError(
+        f"Unknown regime {regime!r}: 'fixed', 'paper' or 'hub'."
+    )
 
 
 def _row(config, num_experts, batch, timings, machine):
@@ -515,7 +531,9 @@ def _row(config, num_experts, batch, timings, machine):
         "keras-hub-mixtral": "dense-gated",
         "keras-hub-mixtral-sparse": "dense-gated",
     }.get(config, "dense")
-    base = timings.get(baseline, timings.get("dense"))
+    # (the hub regime has no `dense`: its baseline is `dense-gated`)
+    base = (timings.get(baseline) or timings.get("dense")
+            or timings.get("dense-gated"))
     tokens = batch * LENGTH
     row = {
         "experts": num_experts,
