@@ -17,6 +17,12 @@ Two backends, one idea:
 - JAX: `jax_model_parallel` returns a `keras.distribution.ModelParallel`
   whose `LayoutMap` shards the expert axis of every MoE weight; set it with
   `keras.distribution.set_distribution` before building the model.
+- Several hosts, the same script on each: `cluster_from_environment` reads
+  this host's place (`TF_CONFIG`, or `KERAS_MOE_*` variables);
+  `jax_cluster_model_parallel` joins JAX's distributed runtime and shards
+  over every process's devices; `initialize_dtensor_cluster` makes this
+  process a DTensor client, after which `ExpertParallel` meshes span all
+  clients.
 
 Inside a step (TensorFlow), for each MoE layer: the gate runs where the
 tokens are; `dispatch` gathers the `[E, C, d]` buffer, which is relaid out
