@@ -129,13 +129,15 @@ def test_gradients_match_the_dense_reference(capacity_factor):
     probe = tf.constant(np.random.default_rng(4).normal(size=(24, 6)).astype("float32"))
     expert_vars = [layer.expert_hidden_kernel, layer.expert_hidden_bias,
                    layer.expert_output_kernel, layer.expert_output_bias]
-    variables = expert_vars + [layer.gating.gate_kernel]
+    variables = expert_vars + [layer.gating.gate_kernel, x]  # and the input
 
     with tf.GradientTape() as tape:
+        tape.watch(x)
         sparse = tf.reduce_sum(layer(x) * probe)
     sparse_grads = tape.gradient(sparse, variables)
 
     with tf.GradientTape() as tape:
+        tape.watch(x)
         weights, indices = layer.gating(x)
         if capacity_factor is not None:
             capacity = dispatch.capacity_for(24, 2, 8, capacity_factor)
