@@ -452,6 +452,10 @@ def main(argv=None):
             keras.backend.clear_session()
             gc.collect()
             timings = time_configs(num_experts, active, args.reps, batch)
+            # Free this E's layers before the memory probes: at E=1024
+            # they held 18 GB, and a probe beside them ran out of memory.
+            keras.backend.clear_session()
+            gc.collect()
             for config in active:
                 row = _row(config, num_experts, batch, timings, machine)
                 if (not args.no_memory and regime == "fixed"

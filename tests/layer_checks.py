@@ -4,8 +4,9 @@
 shapes and dtypes; the number of trainable weights and of seed generators;
 one loss when training and none at inference; a compiled `fit` step with
 finite loss; every mixed-precision policy (outputs in the compute dtype,
-gate values float32, finite outputs/losses/gradients); and a `.keras`
-save/load round trip that reproduces the predictions.
+gate values float32, finite outputs/losses/gradients); a `.keras`
+save/load round trip that reproduces the predictions; and (TensorFlow) a
+`model.export()` whose SavedModel serves them.
 """
 
 import os
@@ -141,12 +142,23 @@ def check_layer(
         path = os.path.join(str(tmp_path), "layer.keras")
         model.save(path)
         loaded = keras.models.load_model(path)
+        want = ops.convert_to_numpy(model.predict(inputs, verbose=0))
         np.testing.assert_allclose(
-            ops.convert_to_numpy(loaded.predict(inputs, verbose=0)),
-            ops.convert_to_numpy(model.predict(inputs, verbose=0)),
-            rtol=1e-6,
-            atol=1e-6,
+            ops.convert_to_numpy(loaded.predict(inputs, verbose=0)), want,
+            rtol=1e-6, atol=1e-6,
         )
+        # And the exported SavedModel serves them (TensorFlow: see the
+        # README for export on JAX).
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            export_path = os.path.join(str(tmp_path), "exported")
+            model.export(export_path, verbose=False)
+            served = tf.saved_model.load(export_path)
+            np.testing.assert_allclose(
+                served.serve(tf.constant(inputs)).numpy(), want,
+                rtol=1e-5, atol=1e-6,
+            )
 
 
 def public_layer_cases():
