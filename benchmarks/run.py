@@ -307,6 +307,25 @@ def memory_probe(config, num_experts):
     )
 
 
+def probe_fits(num_experts):
+    """Whether a memory probe at `num_experts` fits beside this process.
+
+    TensorFlow keeps what this process allocated (about 18 GB after timing
+    E=1,024 here), so a probe needing a few times the experts' weights
+    beside it can exhaust the machine, and the kernel then kills this
+    process. Needed: four times the weights (weights, gradients, buffers),
+    against `MemAvailable`.
+    """
+    weights = 4 * num_experts * (2 * D_MODEL * HIDDEN + HIDDEN + D_MODEL)
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return True
+    return available > 4 * weights
+
+
 def measure_memory(config, num_experts):
     env = dict(os.environ, TF_ONEDNN_USE_SYSTEM_ALLOCATOR="1", KERAS_MOE_QUIET="1")
     result = subprocess.run(
@@ -452,14 +471,21 @@ def main(argv=None):
             keras.backend.clear_session()
             gc.collect()
             timings = time_configs(num_experts, active, args.reps, batch)
-            # Free this E's layers before the memory probes: at E=1024
-            # they held 18 GB, and a probe beside them ran out of memory.
+            # Free this E's layers before the memory probes (TensorFlow
+            # keeps most of what it allocated, so see `probe_fits` too).
             keras.backend.clear_session()
             gc.collect()
             for config in active:
                 row = _row(config, num_experts, batch, timings, machine)
-                if (not args.no_memory and regime == "fixed"
-                        and config != "dense-xla"):
+                probe = (not args.no_memory and regime == "fixed"
+                         and config != "dense-xla")
+                if probe and not probe_fits(num_experts):
+                    probe = False
+                    print(f"  {config}: memory probe skipped, not enough "
+                          f"free memory beside this process (measure "
+                          f"E={num_experts} alone: --experts "
+                          f"{num_experts} --regimes fixed)", flush=True)
+                if probe:
                     memory = measure_memory(config, num_experts)
                     if memory:
                         row["step_peak_mb"] = memory["step_peak_mb"]
