@@ -19,6 +19,8 @@ of width `d`, `k` experts each:
 
 import time
 
+from benchmarks import scale
+
 MATMUL_SHAPE = (4096, 256, 2048)  # [M, K] @ [K, N]
 COPY_BYTES = 2**30
 
@@ -63,10 +65,15 @@ def measure(repeats=10):
     }
 
 
+def expert_weight_bytes(model_dim, hidden, experts):
+    """float32 bytes of `experts` paper experts (`scale.expert_parameters`)."""
+    return 4 * experts * scale.expert_parameters(model_dim, hidden)
+
+
 def moe_train_step_bound(machine, tokens, model_dim, hidden, k, experts):
     """The roofline bound of an MoE training step, in seconds."""
     flops = 12 * tokens * k * model_dim * hidden + 12 * tokens * model_dim * experts
-    weight_bytes = 4 * experts * (2 * model_dim * hidden + hidden + model_dim)
+    weight_bytes = expert_weight_bytes(model_dim, hidden, experts)
     return max(
         flops / machine["matmul_flops_per_s"],
         3 * weight_bytes / machine["bytes_per_s"],

@@ -96,13 +96,12 @@ def build(config, num_experts, batch=BATCH):
 
     keras.utils.set_random_seed(0)
     if config == "dense-gated":
+        from keras_moe import models
+
         inputs = keras.Input((LENGTH, D_MODEL))
-        gate = keras.layers.Dense(K * HIDDEN, use_bias=False)(inputs)
-        up = keras.layers.Dense(K * HIDDEN, use_bias=False)(inputs)
-        outputs = keras.layers.Dense(D_MODEL, use_bias=False)(
-            keras.layers.Activation("silu")(gate) * up
-        )
-        layer = keras.Model(inputs, outputs)
+        layer = keras.Model(inputs, models.dense_feed_forward(
+            inputs, K * HIDDEN, D_MODEL, experts="gated"
+        ))
         return layer, lambda x, training: layer(x), False
     if config.startswith("dense"):
         layer = keras.Sequential(
@@ -316,7 +315,9 @@ def probe_fits(num_experts):
     process. Needed: four times the weights (weights, gradients, buffers),
     against `MemAvailable`.
     """
-    weights = 4 * num_experts * (2 * D_MODEL * HIDDEN + HIDDEN + D_MODEL)
+    from benchmarks import roofline
+
+    weights = roofline.expert_weight_bytes(D_MODEL, HIDDEN, num_experts)
     try:
         with open("/proc/meminfo") as handle:
             fields = dict(line.split(":", 1) for line in handle)

@@ -198,34 +198,34 @@ def received(shape, before, after):
 
 d, h, E, k, batch, length, cf = 16, 32, 8, 2, 8, 10, 2.0
 # One mesh per process (DTensor): one process per mesh shape.
-for batch_shards in [int(sys.argv[1])]:
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input(shape=(length, d))
-    layer = keras_moe.MixtureOfExperts(E, h, k=k, capacity_factor=cf, seed=1, name="moe")
-    model = keras.Model(inputs, layer(inputs))
-    model.compile("sgd", "mse")
-    parallel = expert_parallel.ExpertParallel(batch_shards=batch_shards)
-    parallel.distribute(model)
-    moved = {"to_experts": 0, "from_experts": 0}
-    def record(direction, relayout):
-        def hook(tensor):
-            out = relayout(tensor)
-            moved[direction] += received(tuple(tensor.shape), dtensor.fetch_layout(tensor),
-                                         dtensor.fetch_layout(out))
-            return out
-        return hook
-    layer.set_expert_relayout(record("to_experts", parallel._to_expert_layout),
-                              record("from_experts", parallel._to_token_layout))
-    x = np.random.default_rng(0).normal(size=(batch, length, d)).astype("float32")
-    with dtensor.default_mesh(parallel.mesh):
-        layer(parallel.pack(x, parallel.replicated(3)), training=True)
-    cost = scale.costs(d, h, E, k, batch * length, batch_shards, 4 // batch_shards,
-                       capacity_factor=cf)
-    # the formula's forward halves of the relaid-out tensors (the token
-    # gather of b > 1 happens inside dispatch's gather, not in a relayout)
-    formula = cost["dtensor_from_experts_bytes"] / 2
-    print(f"| {batch_shards}x{4 // batch_shards} | {batch * length} | {cost['capacity']} "
-          f"| {moved['to_experts']} | 0 | {moved['from_experts']} | {formula:.0f} |")
+batch_shards = int(sys.argv[1])
+keras.utils.set_random_seed(0)
+inputs = keras.Input(shape=(length, d))
+layer = keras_moe.MixtureOfExperts(E, h, k=k, capacity_factor=cf, seed=1, name="moe")
+model = keras.Model(inputs, layer(inputs))
+model.compile("sgd", "mse")
+parallel = expert_parallel.ExpertParallel(batch_shards=batch_shards)
+parallel.distribute(model)
+moved = {"to_experts": 0, "from_experts": 0}
+def record(direction, relayout):
+    def hook(tensor):
+        out = relayout(tensor)
+        moved[direction] += received(tuple(tensor.shape), dtensor.fetch_layout(tensor),
+                                     dtensor.fetch_layout(out))
+        return out
+    return hook
+layer.set_expert_relayout(record("to_experts", parallel._to_expert_layout),
+                          record("from_experts", parallel._to_token_layout))
+x = np.random.default_rng(0).normal(size=(batch, length, d)).astype("float32")
+with dtensor.default_mesh(parallel.mesh):
+    layer(parallel.pack(x, parallel.replicated(3)), training=True)
+cost = scale.costs(d, h, E, k, batch * length, batch_shards, 4 // batch_shards,
+                   capacity_factor=cf)
+# the formula's forward halves of the relaid-out tensors (the token
+# gather of b > 1 happens inside dispatch's gather, not in a relayout)
+formula = cost["dtensor_from_experts_bytes"] / 2
+print(f"| {batch_shards}x{4 // batch_shards} | {batch * length} | {cost['capacity']} "
+      f"| {moved['to_experts']} | 0 | {moved['from_experts']} | {formula:.0f} |")
 print("DONE")
 """
 

@@ -113,27 +113,30 @@ class ExpertParallel:
             )
         if device_type is None:
             device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        # Several processes (`initialize_dtensor_cluster`): the mesh spans
+        # every client's devices, these local ones included.
+        multi_client = dtensor.num_clients() > 1
         devices = tf.config.list_logical_devices(device_type)
-        if dtensor.num_clients() > 1:  # every client's devices count
-            devices = [None] * dtensor.num_global_devices(device_type)
+        device_count = (
+            dtensor.num_global_devices(device_type) if multi_client
+            else len(devices)
+        )
         if batch_shards < 1:
             raise ValueError(f"`batch_shards` must be >= 1. Received: {batch_shards}")
         if expert_shards is None:
-            expert_shards = len(devices) // batch_shards
-        if expert_shards < 1 or batch_shards * expert_shards > len(devices):
+            expert_shards = device_count // batch_shards
+        if expert_shards < 1 or batch_shards * expert_shards > device_count:
             raise ValueError(
                 f"A {batch_shards} x {expert_shards} mesh needs "
                 f"{batch_shards * expert_shards} {device_type} devices; "
-                f"there are {len(devices)}."
+                f"there are {device_count}."
             )
         self._tf = tf
         self._dtensor = dtensor
         self.batch_shards = batch_shards
         self.expert_shards = expert_shards
         axes = [(BATCH_AXIS, batch_shards), (EXPERT_AXIS, expert_shards)]
-        if dtensor.num_clients() > 1:
-            # Several processes (`initialize_dtensor_cluster`): the mesh
-            # spans every client's devices, these local ones included.
+        if multi_client:
             self.mesh = dtensor.create_distributed_mesh(
                 axes, device_type=device_type
             )

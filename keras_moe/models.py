@@ -103,10 +103,9 @@ def language_model(
             moe = moe_layers.MixtureOfExperts(num_experts, **common)
         branch = moe(x)
     else:
-        hidden = keras.layers.Dense(
-            k * hidden_units, activation="relu", name="ffn_hidden"
-        )(x)
-        branch = keras.layers.Dense(model_dim, name="ffn_output")(hidden)
+        branch = dense_feed_forward(
+            x, k * hidden_units, model_dim, experts="mlp", name="ffn"
+        )
     x = residual(x, branch)
     x = residual(x, keras.layers.LSTM(
         model_dim, return_sequences=True, unroll=unroll, name="lstm_2")(x))
@@ -206,7 +205,7 @@ def transformer_language_model(
                 name=f"moe_{layer}",
             )(normed)
         else:
-            branch = _dense_ffn(
+            branch = dense_feed_forward(
                 normed, (k + shared_experts) * hidden_units, model_dim,
                 experts, f"ffn_{layer}",
             )
@@ -218,8 +217,11 @@ def transformer_language_model(
     return keras.Model(inputs, logits, name=name)
 
 
-def _dense_ffn(x, width, output_dim, experts, name):
-    """One dense feed-forward of `width` hidden units, of the experts' kind."""
+def dense_feed_forward(x, width, output_dim, experts="gated", name="ffn"):
+    """One dense feed-forward of `width` hidden units, of an expert kind's
+    form: `"gated"`, `(silu(x Wg) * (x Wu)) Wd` without biases (layers
+    `{name}_gate`, `_up`, `_down`); `"mlp"`, `relu(x W1 + b1) W2 + b2`
+    (`{name}_hidden`, `_output`). `x` is a symbolic tensor."""
     if experts == "gated":
         gate = keras.layers.Dense(width, use_bias=False, name=f"{name}_gate")(x)
         up = keras.layers.Dense(width, use_bias=False, name=f"{name}_up")(x)
