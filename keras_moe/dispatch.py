@@ -27,6 +27,12 @@ that each pad only to their own busiest expert, at most
 `N*k + (E / classes) * max_load` rows in all, for the price of one copy of
 the expert weights in load order (`classes_pay_off` says when).
 
+Dispatch and combine are each other's transposes, and their gradients say
+so: the gradient of `dispatch` is an unweighted `combine` (each position
+sums the rows its assignments took) and that of `combine` a weighted
+`dispatch`, gathers both, where autodiff would scatter every row back
+(`unsorted_segment_sum`).
+
 Nothing of size `N*E*C` or `N*E*hidden` is ever built, and there is no loop
 over experts. Pure functions over `keras.ops`, so every backend runs them.
 """
@@ -410,7 +416,7 @@ def block_mixture(inputs, expert_weights, plan, weights, experts):
     block_weights = tuple(
         ops.take(weight, plan.block_experts, axis=0) for weight in weights
     )
-    outputs = experts(gather_rows(inputs, plan.slot_positions), block_weights)
+    outputs = experts(dispatch(inputs, plan), block_weights)
     return combine(
         ops.reshape(outputs, (-1, outputs.shape[-1])), expert_weights, plan
     )
@@ -491,9 +497,21 @@ def class_mixture(inputs, expert_weights, plan, weights, experts):
         return ops.split(permuted, boundaries, axis=0)
 
     class_weights = zip(*[by_class(weight) for weight in weights])
+    # One gather for every class (its gradient is `combine`'s gather), then
+    # each class's rows.
+    rows = dispatch(inputs, plan)
+    row_counts = [ops.shape(slots)[0] * ops.shape(slots)[1]
+                  for slots in plan.slot_positions]
     outputs = []
-    for slots, own_weights in zip(plan.slot_positions, class_weights):
-        class_outputs = experts(gather_rows(inputs, slots), own_weights)
+    first = 0
+    for slots, count, own_weights in zip(
+        plan.slot_positions, row_counts, class_weights
+    ):
+        buffer = ops.reshape(
+            rows[first:first + count], ops.shape(slots) + (rows.shape[-1],)
+        )
+        first = first + count
+        class_outputs = experts(buffer, own_weights)
         outputs.append(
             ops.reshape(class_outputs, (-1, class_outputs.shape[-1]))
         )
@@ -527,17 +545,74 @@ def expert_choice_combine(expert_outputs, gate_values, slot_positions,
     return sums[:num_tokens]
 
 
-def dispatch(inputs, plan):
+def flat_slot_positions(plan):
+    """The position of every row of a plan's buffer, in the order of its
+    `assignment_slots` (`N` for an empty row): int32 `[rows]`."""
+    slot_positions = plan.slot_positions
+    if isinstance(slot_positions, tuple):
+        return ops.concatenate(
+            [ops.reshape(slots, (-1,)) for slots in slot_positions], axis=0
+        )
+    return ops.reshape(slot_positions, (-1,))
+
+
+def dispatch(inputs, plan, gather_gradient=True):
     """Gathers each expert's positions into its rows of the buffer.
+
+    Its gradient is a gather too: each position sums the gradients of the
+    (at most k) rows its assignments took, read through
+    `plan.assignment_slots` (the autodiff gradient of a gather scatters
+    every row back, `unsorted_segment_sum`, 2x to 3x slower here).
 
     Args:
         inputs: tensor `[N, d]`.
-        plan: `DispatchPlan`.
+        plan: `DispatchPlan` (returns `[E, C, d]`), `BlockPlan` (`[blocks,
+            B, d]`) or `ClassPlan` (`[rows, d]`, the classes end to end).
+        gather_gradient: bool. False leaves the gradient to autodiff, for
+            a buffer that is relaid out across devices before the experts
+            (DTensor: the gradient's gather would index the rows of one
+            device's shard with the whole buffer's slots).
 
     Returns:
-        tensor `[E, C, d]`; empty slots are zero.
+        the buffer; empty slots are zero.
     """
-    return gather_rows(inputs, plan.slot_positions)
+    slot_positions = plan.slot_positions
+    if isinstance(slot_positions, tuple):
+        slot_positions = flat_slot_positions(plan)
+    if not gather_gradient or inputs.shape[0] == 0:
+        return gather_rows(inputs, slot_positions)
+
+    @ops.custom_gradient
+    def gather(values):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            flat = ops.reshape(upstream, (-1, upstream.shape[-1]))
+            return _sum_rows(flat, plan.assignment_slots)
+
+        return gather_rows(values, slot_positions), grad
+
+    return gather(inputs)
+
+
+def _sum_rows(flat_rows, assignment_slots, weights=None):
+    """`sum_j weights[n, j] * flat_rows[assignment_slots[n, j]]`: `[N, d]`.
+
+    Slots past the last row (dropped or masked assignments) add nothing.
+    Also returns the gathered rows `[N, k, d]` and the weights used when
+    `weights` is given.
+    """
+    num_rows = ops.shape(flat_rows)[0]
+    kept = ops.less(assignment_slots, num_rows)
+    gathered = ops.take(
+        flat_rows, ops.minimum(assignment_slots, num_rows - 1), axis=0
+    )  # [N, k, d]
+    if weights is None:
+        weights = ops.cast(kept, flat_rows.dtype)
+        # Not einsum: "nk,nko->no" becomes N tiny matmuls.
+        return ops.sum(gathered * weights[..., None], axis=1)
+    weights = ops.where(kept, ops.cast(weights, flat_rows.dtype), 0.0)
+    return ops.sum(gathered * weights[..., None], axis=1), gathered, weights
 
 
 def gather_rows(inputs, slot_positions):
@@ -569,31 +644,69 @@ def gather_rows(inputs, slot_positions):
     return ops.where(filled, rows, ops.zeros((), inputs.dtype))
 
 
-def combine(expert_outputs, expert_weights, plan):
+def combine(expert_outputs, expert_weights, plan, gather_gradient=True):
     """Sums each position's expert outputs, weighted by its gate values.
 
+    Its gradient with respect to the outputs is a gather (`dispatch`'s
+    rows of the upstream gradient, scaled by each row's gate value), not
+    the scatter autodiff gives a gather.
+
     Args:
-        expert_outputs: tensor `[E, C, d_out]`, or `[rows, d_out]` with a
-            `ClassPlan`.
+        expert_outputs: tensor `[E, C, d_out]` (`DispatchPlan`), `[blocks,
+            B, d_out]` or `[rows, d_out]`.
         expert_weights: tensor `[N, k]`, gate values (zero where masked).
-        plan: `DispatchPlan` or `ClassPlan` (its `assignment_slots` index
-            the flattened outputs).
+        plan: `DispatchPlan`, `BlockPlan` or `ClassPlan` (its
+            `assignment_slots` index the flattened outputs).
+        gather_gradient: bool, as in `dispatch`.
 
     Returns:
         tensor `[N, d_out]`. A position whose assignments were all dropped
         (or that is masked) gets zeros.
     """
+    output_shape = ops.shape(expert_outputs)
     output_dim = expert_outputs.shape[-1]
-    flat_outputs = ops.reshape(expert_outputs, (-1, output_dim))
-    num_slots = ops.shape(flat_outputs)[0]
-    kept = ops.less(plan.assignment_slots, num_slots)
-    weights = ops.where(
-        kept, ops.cast(expert_weights, expert_outputs.dtype), 0.0
-    )
-    slots = ops.minimum(plan.assignment_slots, num_slots - 1)
-    gathered = ops.take(flat_outputs, slots, axis=0)  # [N, k, d_out]
-    # Not einsum: "nk,nko->no" becomes N tiny matmuls.
-    return ops.sum(gathered * weights[..., None], axis=1)
+    if not gather_gradient:
+        return _sum_rows(
+            ops.reshape(expert_outputs, (-1, output_dim)),
+            plan.assignment_slots, expert_weights,
+        )[0]
+    slot_positions = flat_slot_positions(plan)
+
+    @ops.custom_gradient
+    def weighted_sum(outputs, gate_values):
+        flat = ops.reshape(outputs, (-1, output_dim))
+        summed, gathered, kept_values = _sum_rows(
+            flat, plan.assignment_slots, gate_values
+        )
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            num_rows = ops.shape(flat)[0]
+            # The gate value of the assignment in each row (0 if none).
+            row_values = ops.scatter(
+                ops.reshape(
+                    ops.minimum(plan.assignment_slots, num_rows), (-1, 1)
+                ),
+                ops.reshape(kept_values, (-1,)),
+                (num_rows + 1,),
+            )[:num_rows]
+            output_grad = gather_rows(upstream, slot_positions) * (
+                row_values[:, None]
+            )
+            value_grad = ops.where(
+                ops.less(plan.assignment_slots, num_rows),
+                ops.sum(gathered * upstream[:, None, :], axis=-1),
+                0.0,
+            )
+            return (
+                ops.reshape(output_grad, output_shape),
+                ops.cast(value_grad, gate_values.dtype),
+            )
+
+        return summed, grad
+
+    return weighted_sum(expert_outputs, expert_weights)
 
 
 def expert_feedforward(

@@ -366,10 +366,14 @@ class MixtureOfExpertsBase(keras.layers.Layer):
         plan = dispatch.plan_dispatch(
             expert_indices, self.num_experts, capacity=capacity, mask=flat_mask
         )
+        # Relaid-out buffers keep autodiff's gradients (`dispatch.dispatch`).
+        local = self._to_expert_layout is None
         expert_outputs = self._experts_on_buffer(
-            dispatch.dispatch(features, plan)
+            dispatch.dispatch(features, plan, gather_gradient=local)
         )
-        outputs = dispatch.combine(expert_outputs, expert_weights, plan)
+        outputs = dispatch.combine(
+            expert_outputs, expert_weights, plan, gather_gradient=local
+        )
         if training and capacity_factor is not None:
             self.dropped_assignments_total.assign_add(
                 replicas.global_batch_sum(
