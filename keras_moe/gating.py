@@ -181,6 +181,13 @@ def top_k_gates(logits, k, extra=0, break_ties=True, tie_rotation=None):
     _, top_indices = ops.top_k(selection, k=width)
     top_values = ops.take_along_axis(logits, top_indices, axis=-1)
     top_logits, expert_indices = top_values[..., :k], top_indices[..., :k]
+    if width > k and compat.in_tensorflow_xla_context():
+        # XLA:CPU (TensorFlow 2.21) sorts whole rows when the indices of a
+        # `top_k` are sliced and routed: 600 ms against 15 for a second
+        # `top_k` at N=4,096, n=1,024. TensorFlow without XLA and JAX keep
+        # the one pass.
+        _, expert_indices = ops.top_k(selection, k=k)
+        top_logits = ops.take_along_axis(logits, expert_indices, axis=-1)
     if k == 1:
         # A softmax over one logit is 1 (and has no gradient).
         expert_weights = ops.ones_like(top_logits)
@@ -574,7 +581,7 @@ class _RouterBase(compat.PerThreadLosses, keras.layers.Layer):
         )
 
     def _standard_normal(self, shape):
-        return keras.random.normal(shape, seed=self.seed_generator)
+        return compat.standard_normal(shape, self.seed_generator)
 
     def _add_kernel(self, name, input_dim, width):
         return self.add_weight(

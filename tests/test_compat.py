@@ -84,6 +84,27 @@ def test_in_xla_context_sees_jit_compile():
     assert seen == [True]
 
 
+def test_standard_normal_draws_keras_samples_and_normal_ones_under_xla():
+    # Without XLA: Keras' own samples (auto_select is Philox on CPU), and the
+    # generator advances as Keras' does.
+    ours, theirs = keras.random.SeedGenerator(7), keras.random.SeedGenerator(7)
+    for _ in range(2):
+        np.testing.assert_array_equal(
+            compat.standard_normal((64, 8), ours).numpy(),
+            keras.random.normal((64, 8), seed=theirs).numpy(),
+        )
+    # Under XLA (XLA's Philox: other samples than the kernel's, as Keras'
+    # own draw under XLA is): standard normal, fresh at every call.
+    generator = keras.random.SeedGenerator(7)
+    compiled = tf.function(
+        lambda: compat.standard_normal((512, 512), generator),
+        jit_compile=True,
+    )
+    first, second = compiled().numpy(), compiled().numpy()
+    assert abs(first.mean()) < 0.01 and abs(first.std() - 1.0) < 0.01
+    assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.01
+
+
 def test_keras_variables_keep_their_storage_in_value():
     variable = keras.Variable(np.zeros((2,), "float32"))
     replacement = tf.Variable(np.ones((2,), "float32"))
