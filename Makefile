@@ -33,7 +33,8 @@ notebooks: $(STAMP)
 # Two processes: TensorFlow keeps what it allocated, and the paper's regime
 # at E=1,024 (N=65,536) after everything else outgrew this 24 GB machine.
 bench: $(STAMP)
-	$(PY) -m benchmarks.run --regimes fixed,hub
+	$(PY) -m benchmarks.run --regimes fixed --jax-experts ''
+	$(PY) -m benchmarks.run --regimes hub --no-memory --out benchmarks/results/hub
 	$(PY) -m benchmarks.run --regimes paper --no-memory --jax-experts '' \
 		--out benchmarks/results/paper
 
