@@ -30,8 +30,10 @@ test: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) notebooks/run.py
 
-# Two processes: TensorFlow keeps what it allocated, and the paper's regime
-# at E=1,024 (N=65,536) after everything else outgrew this 24 GB machine.
+# Three processes: TensorFlow keeps what it allocated, and one process going
+# on after the fixed regime's E=1,024 (to keras-hub's dense block at 64
+# experts, or to the paper's E=1,024, N=65,536) outgrew this 24 GB machine.
+# The JAX rows run with the keras-hub regime.
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --regimes fixed --jax-experts ''
 	$(PY) -m benchmarks.run --regimes hub --no-memory --out benchmarks/results/hub

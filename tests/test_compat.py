@@ -78,10 +78,12 @@ def test_in_xla_context_sees_jit_compile():
     @tf.function(jit_compile=True)
     def compiled(x):
         seen.append(compat.in_xla_context())
+        seen.append(compat.in_tensorflow_xla_context())
         return x + 1
 
     compiled(tf.constant(1.0))
-    assert seen == [True]
+    assert seen == [True, True]
+    assert compat.in_tensorflow_xla_context() is False
 
 
 def test_standard_normal_draws_keras_samples_and_normal_ones_under_xla():
