@@ -588,7 +588,7 @@ def dispatch(inputs, plan, gather_gradient=True):
             if upstream is None:
                 (upstream,) = args
             flat = ops.reshape(upstream, (-1, upstream.shape[-1]))
-            return _sum_rows(flat, plan.assignment_slots)
+            return _sum_rows(flat, plan.assignment_slots)[0]
 
         return gather_rows(values, slot_positions), grad
 
@@ -596,11 +596,13 @@ def dispatch(inputs, plan, gather_gradient=True):
 
 
 def _sum_rows(flat_rows, assignment_slots, weights=None):
-    """`sum_j weights[n, j] * flat_rows[assignment_slots[n, j]]`: `[N, d]`.
+    """`sum_j weights[n, j] * flat_rows[assignment_slots[n, j]]`.
 
-    Slots past the last row (dropped or masked assignments) add nothing.
-    Also returns the gathered rows `[N, k, d]` and the weights used when
-    `weights` is given.
+    Slots past the last row (dropped or masked assignments) add nothing;
+    `weights=None` weighs every kept row 1.
+
+    Returns:
+        `(sums [N, d], gathered rows [N, k, d], the weights used [N, k])`.
     """
     num_rows = ops.shape(flat_rows)[0]
     kept = ops.less(assignment_slots, num_rows)
@@ -609,9 +611,9 @@ def _sum_rows(flat_rows, assignment_slots, weights=None):
     )  # [N, k, d]
     if weights is None:
         weights = ops.cast(kept, flat_rows.dtype)
-        # Not einsum: "nk,nko->no" becomes N tiny matmuls.
-        return ops.sum(gathered * weights[..., None], axis=1)
-    weights = ops.where(kept, ops.cast(weights, flat_rows.dtype), 0.0)
+    else:
+        weights = ops.where(kept, ops.cast(weights, flat_rows.dtype), 0.0)
+    # Not einsum: "nk,nko->no" becomes N tiny matmuls.
     return ops.sum(gathered * weights[..., None], axis=1), gathered, weights
 
 
