@@ -105,6 +105,37 @@ def standard_normal(shape, seed_generator):
     return tf.random.stateless_normal(shape, seed=seed, alg="philox")
 
 
+def take_along_last_axis(values, indices):
+    """`keras.ops.take_along_axis(values, indices, axis=-1)` for indices in
+    range, with a fast gradient on TensorFlow.
+
+    Keras' TensorFlow `take_along_axis` casts the indices to int64 before
+    its batched `tf.gather`, and the gradient of that gather, an
+    `UnsortedSegmentSum` with int64 segment ids, is 15 times slower on CPU
+    than with int32 ones (TensorFlow 2.21): 16 ms against 1 ms for the top
+    3 of N=4,096 rows of 1,024 gate logits, in every training step. On
+    TensorFlow the same batched gather with the int32 indices; on other
+    backends Keras' own.
+
+    Args:
+        values: tensor `[..., n]`.
+        indices: int tensor `[..., m]` of entries in `[0, n)` (no negative
+            indices: they are not wrapped here), same leading shape.
+
+    Returns:
+        tensor `[..., m]`, `values[..., indices]` row by row.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return keras.ops.take_along_axis(values, indices, axis=-1)
+    import tensorflow as tf
+
+    return tf.gather(
+        values, tf.cast(indices, tf.int32), batch_dims=len(values.shape) - 1
+    )
+
+
 # Keras variables, models and optimizers (used by ExpertParallel) ----------
 
 

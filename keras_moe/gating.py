@@ -179,7 +179,7 @@ def top_k_gates(logits, k, extra=0, break_ties=True, tie_rotation=None):
     # `top_k` (2x faster at n = 1,024) fails under DTensor with the
     # positions sharded.
     _, top_indices = ops.top_k(selection, k=width)
-    top_values = ops.take_along_axis(logits, top_indices, axis=-1)
+    top_values = compat.take_along_last_axis(logits, top_indices)
     top_logits, expert_indices = top_values[..., :k], top_indices[..., :k]
     if width > k and compat.in_tensorflow_xla_context():
         # XLA:CPU (TensorFlow 2.21) sorts whole rows when the indices of a
@@ -187,7 +187,7 @@ def top_k_gates(logits, k, extra=0, break_ties=True, tie_rotation=None):
         # `top_k` at N=4,096, n=1,024. TensorFlow without XLA and JAX keep
         # the one pass.
         _, expert_indices = ops.top_k(selection, k=k)
-        top_logits = ops.take_along_axis(logits, expert_indices, axis=-1)
+        top_logits = compat.take_along_last_axis(logits, expert_indices)
     if k == 1:
         # A softmax over one logit is 1 (and has no gradient).
         expert_weights = ops.ones_like(top_logits)
@@ -357,7 +357,7 @@ def softmax_top_k_gating(logits, k, normalize=True, positions=None,
         scores = scores + selection_bias
     _, expert_indices = ops.top_k(scores, k=k)
     expert_indices = ops.cast(expert_indices, "int32")
-    expert_weights = ops.take_along_axis(probabilities, expert_indices, axis=-1)
+    expert_weights = compat.take_along_last_axis(probabilities, expert_indices)
     if normalize:
         expert_weights = expert_weights / ops.sum(
             expert_weights, axis=-1, keepdims=True
@@ -1055,8 +1055,8 @@ def expert_choice_gating(logits, capacity, positions=None):
     slot_positions = ops.take_along_axis(
         rotated, ops.cast(picks, "int32"), axis=-1
     )
-    gate_values = ops.take_along_axis(
-        ops.transpose(probabilities), slot_positions, axis=-1
+    gate_values = compat.take_along_last_axis(
+        ops.transpose(probabilities), slot_positions
     )
     taken = ops.take_along_axis(
         ops.broadcast_to(keep, ops.shape(scores)), slot_positions, axis=-1

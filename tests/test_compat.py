@@ -107,6 +107,47 @@ def test_standard_normal_draws_keras_samples_and_normal_ones_under_xla():
     assert abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]) < 0.01
 
 
+def _gather_index_dtypes(function, *args):
+    graph = tf.function(function).get_concrete_function(*args).graph
+    return {
+        graph.get_tensor_by_name(op.inputs[1].name).dtype
+        for op in graph.get_operations() if op.type == "GatherV2"
+    }
+
+
+def test_take_along_last_axis_is_keras_take_along_axis_with_int32_indices():
+    # Upstream: Keras' TensorFlow take_along_axis gathers with int64
+    # indices (whose gradient is the slow one).
+    values = tf.random.stateless_normal((6, 4, 9), seed=(0, 1))
+    indices = tf.constant(
+        np.random.default_rng(0).integers(0, 9, (6, 4, 3)), tf.int32
+    )
+    assert _gather_index_dtypes(
+        lambda v: keras.ops.take_along_axis(v, indices, axis=-1), values
+    ) == {tf.int64}
+    assert _gather_index_dtypes(
+        lambda v: compat.take_along_last_axis(v, indices), values
+    ) == {tf.int32}
+    upstream = tf.random.stateless_normal((6, 4, 3), seed=(0, 2))
+    results = []
+    for take in (
+        lambda v: keras.ops.take_along_axis(v, indices, axis=-1),
+        lambda v: compat.take_along_last_axis(v, indices),
+    ):
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            taken = take(values)
+            loss = tf.reduce_sum(taken * upstream)
+        results.append((taken.numpy(), tape.gradient(loss, values).numpy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    # Against NumPy too.
+    np.testing.assert_array_equal(
+        results[1][0],
+        np.take_along_axis(values.numpy(), indices.numpy(), axis=-1),
+    )
+
+
 def test_keras_variables_keep_their_storage_in_value():
     variable = keras.Variable(np.zeros((2,), "float32"))
     replacement = tf.Variable(np.ones((2,), "float32"))
