@@ -4,7 +4,13 @@ Run by `benchmarks.run` in a subprocess with `KERAS_BACKEND=jax` (a
 process has one Keras backend). The same workload as the TensorFlow rows
 (`benchmarks.run`: d=256, hidden=1024, k=2, N=4096 tokens), timed the
 same way (interleaved medians after two warm-up calls), each step a
-`jax.jit` of the layer's stateless call:
+`jax.jit` of the layer's stateless call. One difference: each
+configuration's timed calls follow one untimed forward call of its own.
+On XLA:CPU the first call after `jax-moe-ragged`'s training step (the
+heaviest of the rows) took about 90 ms more at E=16 and 760 ms more at
+E=64, whatever the configuration: without the untimed call,
+`jax-dense`'s forward, timed right after it, came out 3x to 13x its
+cost.
 
 - `jax-dense`: `Dense(k*hidden, relu) -> Dense(d)`, the baseline;
 - `jax-moe-capacity`: `MixtureOfExperts(capacity_factor=1.25)`;
@@ -114,6 +120,7 @@ def time_configs(num_experts, reps):
     times = {config: ([], []) for config in CONFIGS}
     for _ in range(reps):
         for config, (trainable, forward, train) in steps.items():
+            jax.block_until_ready(forward(trainable, x))  # see the docstring
             start = time.perf_counter()
             jax.block_until_ready(forward(trainable, x))
             middle = time.perf_counter()

@@ -136,6 +136,30 @@ def take_along_last_axis(values, indices):
     )
 
 
+def take_per_row(values, indices):
+    """`values[n, indices[n, j], ...]`: for each row `n`, the entries of its
+    second axis that `indices[n]` names, with the fast gradient of
+    `take_along_last_axis` on TensorFlow.
+
+    Args:
+        values: tensor `[N, a, ...]`.
+        indices: int tensor `[N, m]` of entries in `[0, a)`.
+
+    Returns:
+        tensor `[N, m, ...]`.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        expanded = keras.ops.reshape(
+            indices, tuple(indices.shape) + (1,) * (len(values.shape) - 2)
+        )
+        return keras.ops.take_along_axis(values, expanded, axis=1)
+    import tensorflow as tf
+
+    return tf.gather(values, tf.cast(indices, tf.int32), batch_dims=1)
+
+
 # Keras variables, models and optimizers (used by ExpertParallel) ----------
 
 

@@ -442,7 +442,7 @@ def hierarchical_top_k_gating(clean_primary, clean_groups, k,
 
     # Level 2: the chosen groups' logits, [N, k, b].
     def chosen(per_group):
-        return ops.take_along_axis(per_group, group_indices[..., None], axis=1)
+        return compat.take_per_row(per_group, group_indices)
 
     clean_chosen = chosen(clean_groups)
     if add_noise:

@@ -115,7 +115,7 @@ def _gather_index_dtypes(function, *args):
     }
 
 
-def test_take_along_last_axis_is_keras_take_along_axis_with_int32_indices():
+def test_take_helpers_are_keras_take_along_axis_with_int32_indices():
     # Upstream: Keras' TensorFlow take_along_axis gathers with int64
     # indices (whose gradient is the slow one).
     values = tf.random.stateless_normal((6, 4, 9), seed=(0, 1))
@@ -145,6 +145,25 @@ def test_take_along_last_axis_is_keras_take_along_axis_with_int32_indices():
     np.testing.assert_array_equal(
         results[1][0],
         np.take_along_axis(values.numpy(), indices.numpy(), axis=-1),
+    )
+    # take_per_row: whole rows of the second axis.
+    rows = tf.constant(np.random.default_rng(1).integers(0, 4, (6, 2)),
+                       tf.int32)
+    upstream = tf.random.stateless_normal((6, 2, 9), seed=(0, 3))
+    results = []
+    for take in (
+        lambda v: keras.ops.take_along_axis(v, rows[..., None], axis=1),
+        lambda v: compat.take_per_row(v, rows),
+    ):
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            taken = take(values)
+            loss = tf.reduce_sum(taken * upstream)
+        results.append((taken.numpy(), tape.gradient(loss, values).numpy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_array_equal(
+        results[1][0], values.numpy()[np.arange(6)[:, None], rows.numpy()]
     )
 
 
