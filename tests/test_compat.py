@@ -115,6 +115,22 @@ def _gather_index_dtypes(function, *args):
     }
 
 
+def _assert_same_values_and_gradients(take, reference, values, seed):
+    """`take(values)` equals `reference(values)`, and so does the gradient
+    of a random linear function of it; returns the taken values."""
+    results = []
+    for function in (reference, take):
+        with tf.GradientTape() as tape:
+            tape.watch(values)
+            taken = function(values)
+            upstream = tf.random.stateless_normal(taken.shape, seed=seed)
+            loss = tf.reduce_sum(taken * upstream)
+        results.append((taken.numpy(), tape.gradient(loss, values).numpy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    return results[1][0]
+
+
 def test_take_helpers_are_keras_take_along_axis_with_int32_indices():
     # Upstream: Keras' TensorFlow take_along_axis gathers with int64
     # indices (whose gradient is the slow one).
@@ -128,42 +144,25 @@ def test_take_helpers_are_keras_take_along_axis_with_int32_indices():
     assert _gather_index_dtypes(
         lambda v: compat.take_along_last_axis(v, indices), values
     ) == {tf.int32}
-    upstream = tf.random.stateless_normal((6, 4, 3), seed=(0, 2))
-    results = []
-    for take in (
-        lambda v: keras.ops.take_along_axis(v, indices, axis=-1),
+    taken = _assert_same_values_and_gradients(
         lambda v: compat.take_along_last_axis(v, indices),
-    ):
-        with tf.GradientTape() as tape:
-            tape.watch(values)
-            taken = take(values)
-            loss = tf.reduce_sum(taken * upstream)
-        results.append((taken.numpy(), tape.gradient(loss, values).numpy()))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    np.testing.assert_array_equal(results[0][1], results[1][1])
-    # Against NumPy too.
+        lambda v: keras.ops.take_along_axis(v, indices, axis=-1),
+        values, seed=(0, 2),
+    )
     np.testing.assert_array_equal(
-        results[1][0],
-        np.take_along_axis(values.numpy(), indices.numpy(), axis=-1),
+        taken, np.take_along_axis(values.numpy(), indices.numpy(), axis=-1)
     )
     # take_per_row: whole rows of the second axis.
-    rows = tf.constant(np.random.default_rng(1).integers(0, 4, (6, 2)),
-                       tf.int32)
-    upstream = tf.random.stateless_normal((6, 2, 9), seed=(0, 3))
-    results = []
-    for take in (
-        lambda v: keras.ops.take_along_axis(v, rows[..., None], axis=1),
+    rows = tf.constant(
+        np.random.default_rng(1).integers(0, 4, (6, 2)), tf.int32
+    )
+    taken = _assert_same_values_and_gradients(
         lambda v: compat.take_per_row(v, rows),
-    ):
-        with tf.GradientTape() as tape:
-            tape.watch(values)
-            taken = take(values)
-            loss = tf.reduce_sum(taken * upstream)
-        results.append((taken.numpy(), tape.gradient(loss, values).numpy()))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    np.testing.assert_array_equal(results[0][1], results[1][1])
+        lambda v: keras.ops.take_along_axis(v, rows[..., None], axis=1),
+        values, seed=(0, 3),
+    )
     np.testing.assert_array_equal(
-        results[1][0], values.numpy()[np.arange(6)[:, None], rows.numpy()]
+        taken, values.numpy()[np.arange(6)[:, None], rows.numpy()]
     )
 
 
