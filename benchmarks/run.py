@@ -209,6 +209,26 @@ def _block(result):
         tf.reshape(tensor, (-1,))[:1].numpy()
 
 
+def interleaved_times(calls, reps):
+    """`reps` rounds, each timing every call of `calls` once, in order.
+
+    Args:
+        calls: dict name -> function of no arguments, run to completion
+            (`_block`) inside its timing.
+        reps: int.
+
+    Returns:
+        dict name -> list of seconds, one per round.
+    """
+    times = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            _block(call())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def time_configs(num_experts, configs, reps, batch=BATCH):
     """Interleaved timings: {config: (forward_s, train_s, max_abs_diff)}."""
     import numpy as np
@@ -233,16 +253,11 @@ def time_configs(num_experts, configs, reps, batch=BATCH):
         for _ in range(2):
             _block(forward_step(x))
             _block(train_step(x))
-    times = {config: ([], []) for config in configs}
-    for _ in range(reps):
-        for config, (forward_step, train_step) in steps.items():
-            start = time.perf_counter()
-            _block(forward_step(x))
-            middle = time.perf_counter()
-            _block(train_step(x))
-            end = time.perf_counter()
-            times[config][0].append(middle - start)
-            times[config][1].append(end - middle)
+    calls = {}
+    for config, (forward_step, train_step) in steps.items():
+        calls[config, "forward"] = lambda step=forward_step: step(x)
+        calls[config, "train"] = lambda step=train_step: step(x)
+    times = interleaved_times(calls, reps)
     diff = None
     if "all-experts" in steps and "moe-dropless" in steps:
         ours = steps["moe-dropless"][0](x).numpy()
@@ -250,11 +265,11 @@ def time_configs(num_experts, configs, reps, batch=BATCH):
         diff = float(np.abs(ours - ref).max())
     return {
         config: (
-            float(np.median(forward_times)),
-            float(np.median(train_times)),
+            float(np.median(times[config, "forward"])),
+            float(np.median(times[config, "train"])),
             diff if config == "moe-dropless" else None,
         )
-        for config, (forward_times, train_times) in times.items()
+        for config in configs
     }
 
 

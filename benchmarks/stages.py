@@ -23,7 +23,6 @@ so their sum is close to the whole step but not equal to it.
 
 import argparse
 import os
-import time
 
 
 def stage_steps(num_experts):
@@ -49,14 +48,14 @@ def stage_steps(num_experts):
     )
     padded_probe = tf.random.stateless_normal(padded.shape, seed=(3, 4))
     balanced_probe = tf.random.stateless_normal(balanced.shape, seed=(4, 5))
-    weights = moe._expert_weights()
+    weights = tuple(moe.expert_variables.values())
 
     def experts(buffer):
         return dispatch.mlp_experts(buffer, weights, moe.activation)
 
     def routed():
         route = dispatch.plan_dispatch(indices, num_experts)
-        buffer = dispatch.dispatch(features, route) * 1.0
+        buffer = dispatch.dispatch(features, route)
         return dispatch.combine(buffer, gate_values, route)
 
     def gate():
@@ -116,12 +115,7 @@ def measure(num_experts, reps):
     for train_step in steps.values():
         for _ in range(2):
             run._block(train_step())
-    times = {stage: [] for stage in steps}
-    for _ in range(reps):
-        for stage, train_step in steps.items():
-            start = time.perf_counter()
-            run._block(train_step())
-            times[stage].append(time.perf_counter() - start)
+    times = run.interleaved_times(steps, reps)
     dense = float(np.median(times["dense step"]))
     return {
         stage: float(np.median(values)) / dense
@@ -137,11 +131,11 @@ def main(argv=None):
     os.environ.setdefault("KERAS_MOE_QUIET", "1")
     import keras_moe  # noqa: F401  (quiet backend import)
 
-    counts = [int(e) for e in args.experts.split(",")]
     import gc
 
     import keras
 
+    counts = [int(e) for e in args.experts.split(",")]
     results = {}
     for num_experts in counts:
         results[num_experts], padding = measure(num_experts, args.reps)
